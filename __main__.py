@@ -1,0 +1,3 @@
+from medvlsam2.core.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,140 @@
+"""The ``medvlsam2`` command line.
+
+Sub-commands import what they need when they run, so ``--help``, ``plugins`` and ``list``
+start without torch. User errors print one line and exit 2; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Sequence
+
+from medvlsam2 import __version__
+from medvlsam2.core.errors import MedVLError
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL_ERROR = 1
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from medvlsam2.core.registry import get_host
+
+    host = get_host()
+    rows = [
+        {"kind": s.kind, "name": s.name, "provider": s.provider, "version": s.version, "summary": s.summary}
+        for s in host.all_specs()
+    ]
+    if args.json:
+        print(json.dumps({"plugins": rows, "failed": [{"provider": d, "error": e} for d, e in host.failures]}, indent=2))
+        return 0
+    widths = {key: max([len(key)] + [len(str(r[key])) for r in rows]) for key in ("kind", "name", "provider", "version")}
+    header = "  ".join(key.upper().ljust(widths[key]) for key in widths) + "  SUMMARY"
+    print(header)
+    for r in rows:
+        print("  ".join(str(r[key]).ljust(widths[key]) for key in widths) + "  " + r["summary"])
+    return 0
+
+
+def _cmd_list(args: argparse.Namespace) -> int:
+    from medvlsam2.core.registry import get_host
+
+    for name in get_host().names(args.kind, args.glob):
+        print(name)
+    return 0
+
+
+def _cmd_show(args: argparse.Namespace) -> int:
+    from medvlsam2.core.registry import get_host
+
+    spec = get_host().get(args.kind, args.name)
+    config_cls = spec.config_class()
+    defaults: dict = {}
+    if config_cls is not None:
+        from omegaconf import OmegaConf
+
+        defaults = OmegaConf.to_container(OmegaConf.structured(config_cls), resolve=True)
+    doc = (getattr(spec.load(), "__doc__", "") or "").strip()
+    if args.json:
+        info = {
+            "kind": spec.kind, "name": spec.name, "provider": spec.provider, "version": spec.version,
+            "target": spec.target_name, "summary": spec.summary, "doc": doc, "config": defaults,
+        }
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    import yaml
+
+    print(f"{spec.kind[:-1]} '{spec.name}' from {spec.provider} {spec.version} ({spec.target_name})")
+    print(spec.summary)
+    if doc and doc.splitlines()[0] != spec.summary:
+        print("\n" + doc)
+    print("\ndefault config:")
+    print(yaml.safe_dump({"name": spec.name, **defaults}, sort_keys=False).rstrip())
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from medvlsam2.core.config import load_config, to_yaml
+
+    cfg = load_config(args.config, args.overrides)
+    print(to_yaml(cfg), end="")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="medvlsam2",
+        description="MedVL-SAM2: 3D medical vision-language models with a SAM2 volumetric mask decoder.",
+    )
+    parser.add_argument("--version", action="version", version=f"medvlsam2 {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("plugins", help="every registered plugin: kind, name, provider, version")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_plugins)
+
+    p = sub.add_parser("list", help="names of one plugin kind, e.g. `list encoders 'vit*'`")
+    p.add_argument("kind", help="encoders, projectors, llms, decoders, tasks or data_formats")
+    p.add_argument("glob", nargs="?", default="*", help="shell-style pattern (default: *)")
+    p.set_defaults(func=_cmd_list)
+
+    p = sub.add_parser("show", help="a plugin's summary and default config")
+    p.add_argument("kind")
+    p.add_argument("name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_show)
+
+    p = sub.add_parser("config", help="print the resolved, validated run config")
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML file; repeat to merge")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value")
+    p.set_defaults(func=_cmd_config)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
+    if func is None:
+        parser.print_help()
+        return 0
+    try:
+        return func(args)
+    except MedVLError as err:
+        if args.debug:
+            raise
+        print(f"medvlsam2: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("medvlsam2: interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # an internal bug: one line unless --debug
+        if args.debug:
+            raise
+        print(
+            f"medvlsam2: internal error: {type(err).__name__}: {err} (run with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL_ERROR

@@ -1,0 +1,262 @@
+"""Run configuration: YAML files merged left to right, dotted overrides, strict validation.
+
+Components are chosen by registry name only (``model.encoder.name: vit3d``); keys that would
+import code (``_target_``, ``class_path`` ...) and YAML python tags are refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+from medvlsam2.core.errors import ConfigError, MedVLError, did_you_mean
+
+FORBIDDEN_KEYS = ("_target_", "_partial_", "_recursive_", "_args_", "_convert_", "class_path", "init_args")
+MODEL_COMPONENTS = {"encoder": "encoders", "projector": "projectors", "llm": "llms", "decoder": "decoders"}
+
+
+@dataclass
+class SegProjectorConfig:
+    """The ``[SEG]`` hidden state -> decoder prompt MLP (one for every LLM)."""
+
+    hidden_dim: int | None = None
+    num_layers: int = 2
+    dropout: float = 0.0
+
+
+@dataclass
+class ModelConfig:
+    encoder: dict[str, Any] = field(default_factory=lambda: {"name": "vit3d"})
+    projector: dict[str, Any] = field(default_factory=lambda: {"name": "spatial_pool_mlp"})
+    llm: dict[str, Any] = field(default_factory=lambda: {"name": "hf_causal"})
+    decoder: dict[str, Any] = field(default_factory=lambda: {"name": "sam2_volume"})
+    seg_projector: SegProjectorConfig = field(default_factory=SegProjectorConfig)
+
+
+@dataclass
+class StageConfig:
+    """One training stage: which tasks run and which components train."""
+
+    name: str = MISSING
+    tasks: list[str] = field(default_factory=list)
+    trainable: list[str] = field(default_factory=list)
+    max_steps: int = -1
+    max_epochs: int | None = None
+    lr: float = 1e-4
+    lr_per_component: dict[str, float] = field(default_factory=dict)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+
+
+@dataclass
+class TrainerConfig:
+    """The Lightning ``Trainer`` arguments a run may set."""
+
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"
+    max_steps: int = -1
+    max_epochs: int | None = None
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None
+    gradient_checkpointing: bool = False
+    deterministic: bool = False
+    log_every_n_steps: int = 10
+    val_check_interval: float | None = None
+    check_val_every_n_epoch: int | None = 1
+    limit_train_batches: float | None = None
+    limit_val_batches: float | None = None
+    limit_test_batches: float | None = None
+    num_sanity_val_steps: int = 0
+    fast_dev_run: bool = False
+    enable_progress_bar: bool = True
+    batch_size: int = 1
+    num_workers: int = 0
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tasks: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[StageConfig] = field(default_factory=list)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    seed: int = 0
+    output_dir: str = "runs"
+    run_name: str = "run"
+
+
+# -- reading --------------------------------------------------------------------------------
+def read_yaml(path: str | Path) -> DictConfig:
+    """One YAML file as a DictConfig; python tags and unreadable files give a ``ConfigError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{path}:{where}: invalid YAML: {problem}") from err
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config file must hold a mapping, got {type(data).__name__}")
+    _refuse_code_keys(data, str(path))
+    return OmegaConf.create(data)
+
+
+def _refuse_code_keys(node: Any, where: str, path: str = "") -> None:
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            dotted = f"{path}.{key}" if path else str(key)
+            if str(key) in FORBIDDEN_KEYS:
+                raise ConfigError(
+                    f"{where}: {dotted}: import paths are not allowed in configs; "
+                    "choose components by registry name (e.g. `name: vit3d`)"
+                )
+            _refuse_code_keys(value, where, dotted)
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            _refuse_code_keys(value, where, f"{path}[{i}]")
+
+
+def parse_overrides(overrides: Sequence[str]) -> DictConfig:
+    """``key.path=value`` strings (values parsed as YAML) -> a DictConfig."""
+    merged = OmegaConf.create({})
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"override '{item}' must look like key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override '{item}': value is not valid YAML") from err
+        _refuse_code_keys({key.strip().split(".")[-1]: value}, "override", key.strip().rpartition(".")[0])
+        OmegaConf.update(merged, key.strip(), value, force_add=True)
+    return merged
+
+
+# -- validation -----------------------------------------------------------------------------
+def _schema_error(err: OmegaConfBaseException, prefix: str) -> ConfigError:
+    key = getattr(err, "full_key", "") or getattr(err, "key", "") or ""
+    dotted = ".".join(p for p in (prefix, str(key)) if p)
+    if isinstance(err, ConfigKeyError):
+        parent_type = getattr(err, "object_type", None)
+        choices = [f.name for f in dataclasses.fields(parent_type)] if dataclasses.is_dataclass(parent_type) else []
+        leaf = str(getattr(err, "key", key)).split(".")[-1]
+        return ConfigError(f"config: unknown key '{dotted}'{did_you_mean(leaf, choices)}")
+    if isinstance(err, MissingMandatoryValue):
+        return ConfigError(f"config: '{dotted}' is required but missing")
+    message = str(err).strip().splitlines()[0]
+    if isinstance(err, ValidationError):
+        return ConfigError(f"config: {dotted}: wrong type: {message}")
+    return ConfigError(f"config: {dotted}: {message}")
+
+
+def merge_schema(schema: type, data: Any, path: str = "") -> DictConfig:
+    """Merge ``data`` onto the dataclass ``schema``: unknown keys and wrong types raise."""
+    if data is None:
+        data = {}
+    if not isinstance(data, (Mapping, DictConfig)):
+        raise ConfigError(f"config: {path or 'root'}: expected a mapping, got {type(data).__name__}")
+    try:
+        return OmegaConf.merge(OmegaConf.structured(schema), data)
+    except OmegaConfBaseException as err:
+        raise _schema_error(err, path) from err
+
+
+def make_plugin_config(config_cls: type, args: Mapping[str, Any] | DictConfig, *, path: str) -> Any:
+    """A validated instance of a plugin's config dataclass built from ``args`` (no ``name``)."""
+    if isinstance(args, DictConfig):
+        args = OmegaConf.to_container(args, resolve=True)
+    args = {k: v for k, v in dict(args).items() if k != "name"}
+    merged = merge_schema(config_cls, args, path)
+    try:
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        raise _schema_error(err, path) from err
+
+
+def _component_entry(node: Any, path: str) -> tuple[str, dict[str, Any]]:
+    if isinstance(node, str):
+        return node, {}
+    if not isinstance(node, Mapping) or "name" not in node:
+        raise ConfigError(f"config: {path}: expected a mapping with a 'name' (a registry name)")
+    name = node["name"]
+    if not isinstance(name, str):
+        raise ConfigError(f"config: {path}.name: expected a registry name (string), got {name!r}")
+    return name, {k: v for k, v in node.items() if k != "name"}
+
+
+def validate_components(cfg: DictConfig) -> None:
+    """Every named component exists in the registry and its arguments fit its config class."""
+    from medvlsam2.core.registry import get_host
+
+    host = get_host()
+    container = OmegaConf.to_container(cfg, resolve=True)
+    for field_name, kind in MODEL_COMPONENTS.items():
+        path = f"model.{field_name}"
+        name, args = _component_entry(container["model"][field_name], path)
+        _check_plugin(host, kind, name, args, path)
+    task_names = []
+    for i, entry in enumerate(container["tasks"]):
+        path = f"tasks[{i}]"
+        name, args = _component_entry(entry, path)
+        args = {k: v for k, v in args.items() if k != "weight"}
+        weight = entry.get("weight", 1.0) if isinstance(entry, Mapping) else 1.0
+        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+            raise ConfigError(f"config: {path}.weight: expected a positive number, got {weight!r}")
+        _check_plugin(host, "tasks", name, args, path)
+        task_names.append(name)
+    for i, stage in enumerate(container["stages"]):
+        for j, task in enumerate(stage["tasks"]):
+            if task not in task_names:
+                raise ConfigError(
+                    f"config: stages[{i}].tasks[{j}]: task '{task}' is not in `tasks`"
+                    f"{did_you_mean(task, task_names)}"
+                )
+
+
+def _check_plugin(host: Any, kind: str, name: str, args: dict[str, Any], path: str) -> None:
+    try:
+        config_cls = host.get(kind, name).config_class()
+    except MedVLError as err:
+        raise ConfigError(f"config: {path}.name: {err}") from err
+    if config_cls is not None:
+        make_plugin_config(config_cls, args, path=path)
+    elif args:
+        raise ConfigError(f"config: {path}: {kind[:-1]} '{name}' takes no arguments, got {sorted(args)}")
+
+
+def load_config(
+    files: Sequence[str | Path] = (), overrides: Sequence[str] = (), *, validate_plugins: bool = True
+) -> DictConfig:
+    """Merge ``files`` left to right, apply ``overrides``, validate, and resolve interpolations."""
+    layers = [read_yaml(f) for f in files]
+    layers.append(parse_overrides(overrides))
+    merged = OmegaConf.create({})
+    for layer in layers:
+        merged = OmegaConf.merge(merged, layer)
+    raw = OmegaConf.to_container(merged, resolve=False)
+    cfg = merge_schema(RunConfig, raw)
+    try:
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as err:
+        raise _schema_error(err, "") from err
+    if validate_plugins:
+        validate_components(cfg)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig | ListConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,122 @@
+"""The mask-decoder contract: volume + prompts in, mask logits ``(B, K, D, H, W)`` out.
+
+Coordinates are voxel indices of the tensor the decoder receives, in ``(d, h, w)`` order,
+i.e. the same order as the volume's last three axes. The caller (``predict``) maps the
+user's file indices onto this grid and back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from medvlsam2.core.encoder import EncoderOutput
+from medvlsam2.core.errors import InputError
+
+PROMPT_KINDS = ("text", "points", "boxes")
+
+
+@dataclass
+class Prompts:
+    """Up to K objects per volume, each prompted by any combination of the three kinds.
+
+    * ``text_embeds`` ``(B, K, d)``: the trunk's ``[SEG]`` projections.
+    * ``points`` ``(B, K, P, 3)`` voxel ``(d, h, w)`` and ``point_labels`` ``(B, K, P)``:
+      1 foreground, 0 background, -1 padding (ignored).
+    * ``boxes`` ``(B, K, 6)``: ``(d0, h0, w0, d1, h1, w1)``, inclusive voxel bounds;
+      a row of -1 means "no box for this object".
+    """
+
+    text_embeds: torch.Tensor | None = None
+    points: torch.Tensor | None = None
+    point_labels: torch.Tensor | None = None
+    boxes: torch.Tensor | None = None
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        present = (self.text_embeds, self.points, self.boxes)
+        return tuple(k for k, v in zip(PROMPT_KINDS, present) if v is not None)
+
+    @property
+    def batch_size(self) -> int:
+        return self._first().shape[0]
+
+    @property
+    def num_objects(self) -> int:
+        return self._first().shape[1]
+
+    def _first(self) -> torch.Tensor:
+        for value in (self.text_embeds, self.points, self.boxes):
+            if value is not None:
+                return value
+        raise InputError("no prompt given: pass text embeddings, points or a box")
+
+    def validate(self, volume_shape: tuple[int, ...]) -> None:
+        """Raise ``InputError`` when shapes disagree or coordinates fall outside the volume."""
+        b, k = self.batch_size, self.num_objects
+        spatial = torch.tensor(volume_shape[-3:])
+        if self.text_embeds is not None and self.text_embeds.shape[:2] != (b, k):
+            raise InputError(f"text_embeds has shape {tuple(self.text_embeds.shape)}, expected ({b}, {k}, d)")
+        if self.points is not None:
+            if self.points.ndim != 4 or self.points.shape[:2] != (b, k) or self.points.shape[-1] != 3:
+                raise InputError(f"points have shape {tuple(self.points.shape)}, expected ({b}, {k}, P, 3)")
+            if self.point_labels is None or self.point_labels.shape != self.points.shape[:3]:
+                raise InputError("point_labels must have shape (B, K, P) matching points")
+            used = self.point_labels >= 0
+            pts = self.points[used]
+            if len(pts) and ((pts < 0).any() or (pts >= spatial.to(pts)).any()):
+                raise InputError(f"a point lies outside the volume of size {tuple(volume_shape[-3:])}")
+        if self.boxes is not None:
+            if self.boxes.shape != (b, k, 6):
+                raise InputError(f"boxes have shape {tuple(self.boxes.shape)}, expected ({b}, {k}, 6)")
+            present = (self.boxes >= 0).all(-1)
+            bx = self.boxes[present]
+            if len(bx):
+                if (bx[:, :3] > bx[:, 3:]).any():
+                    raise InputError("a box has a minimum corner above its maximum corner")
+                if (bx[:, 3:] >= spatial.to(bx)).any():
+                    raise InputError(f"a box reaches outside the volume of size {tuple(volume_shape[-3:])}")
+
+
+@dataclass
+class DecoderOutput:
+    """Mask logits at the input grid, plus per-object quality predictions when available."""
+
+    masks: torch.Tensor  # (B, K, D, H, W) logits
+    iou_pred: torch.Tensor | None = None  # (B, K, D): predicted IoU per slice
+    object_score: torch.Tensor | None = None  # (B, K, D): object-present logit per slice
+
+
+class MaskDecoder(nn.Module):
+    """Base class of decoder plugins.
+
+    Subclasses set ``prompt_dim`` (the width of ``Prompts.text_embeds``) and ``accepts``.
+    """
+
+    config_class: ClassVar[type | None] = None
+    prompt_dim: int
+    accepts: frozenset[str] = frozenset(PROMPT_KINDS)
+    #: How memory and time grow with the number of slices D ("linear", "quadratic", ...).
+    depth_scaling: ClassVar[str] = "linear"
+
+    def check_prompts(self, volume: torch.Tensor, prompts: Prompts) -> None:
+        unsupported = set(prompts.kinds) - set(self.accepts)
+        if unsupported:
+            raise InputError(
+                f"{type(self).__name__} does not accept {', '.join(sorted(unsupported))} prompts "
+                f"(accepts: {', '.join(sorted(self.accepts))})"
+            )
+        if volume.ndim != 5:
+            raise InputError(f"expected a volume (B, C, D, H, W), got shape {tuple(volume.shape)}")
+        prompts.validate(tuple(volume.shape))
+
+    def forward(
+        self,
+        volume: torch.Tensor,
+        prompts: Prompts,
+        encoder_output: EncoderOutput | None = None,
+    ) -> DecoderOutput:  # pragma: no cover - abstract
+        raise NotImplementedError

@@ -1,0 +1,68 @@
+"""The task contract: data -> batches -> losses; predictions -> metrics.
+
+A task is an ``nn.Module`` so that heads it owns train with the model. The template follows
+torchgeo's ``BaseTask``: ``__init__`` calls ``configure_heads``, ``configure_losses`` and
+``configure_metrics``; a task then answers four questions — which samples
+(``samples``), how they batch (``collate``), what the loss is (``training_step``) and how it
+is scored (``predict_step`` + ``compute_metrics``).
+
+``model`` below is the composed model the engine passes in: it exposes ``encoder``,
+``trunk`` (encoder -> projector -> LLM -> ``[SEG]`` prompts) and ``decoder``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+SPLITS = ("train", "validation", "test")
+
+
+class BaseTask(nn.Module):
+    """Base class of task plugins."""
+
+    config_class: ClassVar[type | None] = None
+    #: Components this task trains by default (names the stage ``trainable`` list uses).
+    trains: ClassVar[tuple[str, ...]] = ()
+    #: Metric whose higher value is better, used to pick checkpoints and summarise runs.
+    main_metric: ClassVar[str] = ""
+
+    def __init__(self, cfg: Any) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.configure_heads()
+        self.configure_losses()
+        self.configure_metrics()
+
+    # -- template methods ---------------------------------------------------------------
+    def configure_heads(self) -> None:
+        """Create task-owned modules (e.g. a classification head)."""
+
+    def configure_losses(self) -> None:
+        """Create loss modules."""
+
+    def configure_metrics(self) -> None:
+        """Create metric state."""
+
+    def samples(self, split: str) -> Sequence[dict[str, Any]]:  # pragma: no cover - abstract
+        """The samples of ``split`` (one of ``SPLITS``), as plain dicts."""
+        raise NotImplementedError
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:  # pragma: no cover
+        """Turn samples into one batch (tensors stacked, text kept as lists)."""
+        raise NotImplementedError
+
+    def training_step(self, model: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:  # pragma: no cover
+        """Losses for one batch; the dict holds ``loss`` and may hold named parts."""
+        raise NotImplementedError
+
+    def predict_step(self, model: Any, batch: dict[str, Any]) -> list[dict[str, Any]]:  # pragma: no cover
+        """One prediction dict per sample, with what ``compute_metrics`` needs."""
+        raise NotImplementedError
+
+    def compute_metrics(self, predictions: list[dict[str, Any]]) -> dict[str, float]:  # pragma: no cover
+        """Scalar metrics over all predictions of a split."""
+        raise NotImplementedError

@@ -1,0 +1,1 @@
+"""Example MedVL-SAM2 plugin package (see ``hooks.py`` for the registration)."""
