@@ -82,6 +82,34 @@ def _cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_fit(args: argparse.Namespace) -> int:
+    from medvlsam2.core.config import load_config
+    from medvlsam2.core.run import fit
+
+    cfg = None if args.resume else load_config(args.config, args.overrides)
+    if args.resume and (args.config or args.overrides):
+        print("medvlsam2: --resume uses the run's own config.yaml; --config and overrides are ignored", file=sys.stderr)
+    folder = fit(cfg, only_stage=args.stage, resume=args.resume)
+    print(f"run folder: {folder}")
+    return 0
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from medvlsam2.core.config import load_config
+    from medvlsam2.core.run import evaluate
+
+    cfg = load_config(args.config, args.overrides)
+    metrics = evaluate(cfg, args.ckpt, split="validation" if args.command == "validate" else "test")
+    for name, value in sorted(metrics.items()):
+        print(f"{name}\t{value:.4f}")
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML file; repeat to merge")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="medvlsam2",
@@ -107,9 +135,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_show)
 
     p = sub.add_parser("config", help="print the resolved, validated run config")
-    p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML file; repeat to merge")
-    p.add_argument("overrides", nargs="*", metavar="key.path=value")
+    _add_config_args(p)
     p.set_defaults(func=_cmd_config)
+
+    p = sub.add_parser("fit", help="train every stage of a run config (Lightning)")
+    _add_config_args(p)
+    p.add_argument("--stage", help="run only this stage (from the previous stage's weights, if any)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    p.set_defaults(func=_cmd_fit)
+
+    for name, text in (("validate", "score every task on the validation split"), ("test", "score every task on the test split")):
+        p = sub.add_parser(name, help=text)
+        _add_config_args(p)
+        p.add_argument("--ckpt", help="weights: a .ckpt file (default: the model as built)")
+        p.set_defaults(func=_cmd_evaluate)
     return parser
 
 

@@ -34,9 +34,10 @@ class SegProjectorConfig:
 @dataclass
 class ModelConfig:
     encoder: dict[str, Any] = field(default_factory=lambda: {"name": "vit3d"})
-    projector: dict[str, Any] = field(default_factory=lambda: {"name": "spatial_pool_mlp"})
-    llm: dict[str, Any] = field(default_factory=lambda: {"name": "hf_causal"})
-    decoder: dict[str, Any] = field(default_factory=lambda: {"name": "sam2_volume"})
+    # projector/llm/decoder may be null for models that need only an encoder (e.g. a probe).
+    projector: dict[str, Any] | None = field(default_factory=lambda: {"name": "spatial_pool_mlp"})
+    llm: dict[str, Any] | None = field(default_factory=lambda: {"name": "hf_causal"})
+    decoder: dict[str, Any] | None = field(default_factory=lambda: {"name": "sam2_volume"})
     seg_projector: SegProjectorConfig = field(default_factory=SegProjectorConfig)
 
 
@@ -81,6 +82,9 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     batch_size: int = 1
     num_workers: int = 0
+    #: Training batches per epoch (checkpoints are written at epoch ends). None: one pass
+    #: over every task's training samples.
+    steps_per_epoch: int | None = None
 
 
 @dataclass
@@ -206,6 +210,10 @@ def validate_components(cfg: DictConfig) -> None:
     container = OmegaConf.to_container(cfg, resolve=True)
     for field_name, kind in MODEL_COMPONENTS.items():
         path = f"model.{field_name}"
+        if container["model"][field_name] is None:
+            if field_name == "encoder":
+                raise ConfigError("config: model.encoder: every model needs an encoder")
+            continue
         name, args = _component_entry(container["model"][field_name], path)
         _check_plugin(host, kind, name, args, path)
     task_names = []

@@ -1,8 +1,9 @@
 """The task contract: data -> batches -> losses; predictions -> metrics.
 
 A task is an ``nn.Module`` so that heads it owns train with the model. The template follows
-torchgeo's ``BaseTask``: ``__init__`` calls ``configure_heads``, ``configure_losses`` and
-``configure_metrics``; a task then answers four questions — which samples
+torchgeo's ``BaseTask``: ``__init__`` calls ``configure_losses`` and ``configure_metrics``, and
+``bind(model)`` calls ``configure_heads(model)`` once the model exists (so a head can size
+itself from ``model.encoder.out_dim``). A task then answers four questions — which samples
 (``samples``), how they batch (``collate``), what the loss is (``training_step``) and how it
 is scored (``predict_step`` + ``compute_metrics``).
 
@@ -33,13 +34,19 @@ class BaseTask(nn.Module):
     def __init__(self, cfg: Any) -> None:
         super().__init__()
         self.cfg = cfg
-        self.configure_heads()
+        self._bound = False
         self.configure_losses()
         self.configure_metrics()
 
+    def bind(self, model: Any) -> None:
+        """Called once by the engine with the built model, before training or loading weights."""
+        if not self._bound:
+            self.configure_heads(model)
+            self._bound = True
+
     # -- template methods ---------------------------------------------------------------
-    def configure_heads(self) -> None:
-        """Create task-owned modules (e.g. a classification head)."""
+    def configure_heads(self, model: Any) -> None:
+        """Create task-owned modules (e.g. a classification head sized from ``model``)."""
 
     def configure_losses(self) -> None:
         """Create loss modules."""

@@ -41,7 +41,8 @@ def test_example_plugin_selected_from_yaml_builds_and_trains(tmp_path):
 
     model = torch.nn.Module()
     model.encoder = encoder
-    losses = task.training_step(model, batch)  # materialises the lazy head
+    task.bind(model)
+    losses = task.training_step(model, batch)
     params = list(encoder.parameters()) + list(task.parameters())
     optimiser = torch.optim.Adam(params, lr=1e-2)
     first = losses["loss"].item()

@@ -36,11 +36,11 @@ class VolumeClassificationTask(BaseTask):
     """Predicts one class per volume; trains the encoder and its own linear head."""
 
     config_class = VolumeClassificationConfig
-    trains = ("encoder", "head")
+    trains = ("encoder", "heads")
     main_metric = "accuracy"
 
-    def configure_heads(self) -> None:
-        self.head = nn.LazyLinear(len(self.cfg.classes))
+    def configure_heads(self, model: Any) -> None:
+        self.head = nn.Linear(model.encoder.out_dim, len(self.cfg.classes))
 
     def samples(self, split: str) -> list[dict[str, Any]]:
         root = Path(self.cfg.data.root)

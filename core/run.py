@@ -1,0 +1,224 @@
+"""``fit`` / ``validate`` / ``test``: stages in order, a run folder, resumable checkpoints.
+
+Run folder (``output_dir/run_name``)::
+
+    config.yaml                 the resolved config the run used
+    state.json                  finished stages (for --resume)
+    checkpoints/<stage>/last.ckpt
+    checkpoints/last.ckpt       the final weights of the last finished stage
+    logs/<stage>/metrics.csv    Lightning CSV log; logs/tensorboard/ for TensorBoard
+    metrics.csv                 every stage's log in one table (with a `stage` column)
+    metrics.json                the latest validation/test metrics per task
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from medvlsam2.core.checkpoint import AtomicCheckpointIO, atomic_write_text, load_checkpoint
+from medvlsam2.core.config import StageConfig, load_config, to_yaml
+from medvlsam2.core.errors import ConfigError, InputError, did_you_mean
+
+LIGHTNING_TRAINER_KEYS = (
+    "accelerator", "devices", "num_nodes", "strategy", "precision", "accumulate_grad_batches",
+    "gradient_clip_val", "deterministic", "log_every_n_steps", "val_check_interval",
+    "check_val_every_n_epoch", "limit_train_batches", "limit_val_batches", "limit_test_batches",
+    "num_sanity_val_steps", "fast_dev_run", "enable_progress_bar",
+)
+
+
+def run_dir(cfg: DictConfig) -> Path:
+    return Path(cfg.output_dir) / cfg.run_name
+
+
+def stages_of(cfg: DictConfig) -> list[StageConfig]:
+    """The configured stages, or one stage ``train`` with every task."""
+    if cfg.stages:
+        return [OmegaConf.to_object(s) for s in cfg.stages]
+    names = list(dict.fromkeys(t["name"] for t in cfg.tasks))
+    return [StageConfig(name="train", tasks=names, max_steps=cfg.trainer.max_steps, max_epochs=cfg.trainer.max_epochs)]
+
+
+def _trainer(cfg: DictConfig, stage: StageConfig, folder: Path, *, training: bool) -> Any:
+    import lightning as L
+    from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    t = cfg.trainer
+    kwargs = {k: t[k] for k in LIGHTNING_TRAINER_KEYS if t[k] is not None}
+    kwargs["max_steps"] = stage.max_steps if stage.max_steps > 0 else t.max_steps
+    max_epochs = stage.max_epochs if stage.max_epochs is not None else t.max_epochs
+    if max_epochs is not None:
+        kwargs["max_epochs"] = max_epochs
+    elif kwargs["max_steps"] > 0:
+        kwargs["max_epochs"] = -1
+    callbacks: list[Any] = []
+    if training:
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=folder / "checkpoints" / stage.name,
+                save_last=True,
+                save_top_k=0,
+                every_n_epochs=1,
+                save_on_exception=True,
+            )
+        )
+    if t.enable_progress_bar and sys.stderr.isatty():
+        callbacks.append(RichProgressBar())
+    loggers = [
+        CSVLogger(folder / "logs", name=stage.name, version=""),
+        TensorBoardLogger(folder / "logs", name="tensorboard", version=stage.name),
+    ]
+    return L.Trainer(
+        **kwargs,
+        default_root_dir=folder,
+        logger=loggers,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        use_distributed_sampler=False,
+        enable_checkpointing=training,
+        enable_model_summary=False,
+    )
+
+
+def _datamodule(cfg: DictConfig, module: Any, stage: StageConfig) -> Any:
+    from medvlsam2.core.data import MedVLDataModule
+    from medvlsam2.core.engine import task_keys
+
+    keys = task_keys(cfg.tasks)
+    weights = {
+        key: module.task_weights[key] if entry["name"] in stage.tasks else 0.0
+        for key, entry in zip(keys, cfg.tasks)
+    }
+    stage_tasks = {k: module.tasks[k] for k in keys if weights[k] > 0}
+    return MedVLDataModule(
+        stage_tasks,
+        weights,
+        batch_size=cfg.trainer.batch_size,
+        num_workers=cfg.trainer.num_workers,
+        steps_per_epoch=cfg.trainer.steps_per_epoch,
+        seed=cfg.seed,
+    )
+
+
+def _read_state(folder: Path) -> dict[str, Any]:
+    path = folder / "state.json"
+    return json.loads(path.read_text()) if path.is_file() else {"completed": []}
+
+
+def load_weights(module: Any, ckpt: Path) -> None:
+    """Copy the weights of a ``.ckpt`` (read safely) into ``module``; shapes must agree."""
+    state = load_checkpoint(ckpt)["state_dict"]
+    own = module.state_dict()
+    different = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    if different:
+        shown = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in different[:3])
+        raise InputError(f"checkpoint {ckpt} comes from a different model config: {shown}")
+    module.load_state_dict(state, strict=False)
+
+
+def _log_trainable(module: Any, stage: StageConfig) -> None:
+    from lightning.pytorch.utilities import rank_zero_info
+
+    rows = module.trainable_summary()
+    text = ", ".join(f"{name} {trainable:,}/{total:,}" for name, (trainable, total) in rows.items())
+    rank_zero_info(f"stage '{stage.name}': trainable parameters per component: {text}")
+
+
+def fit(cfg: DictConfig, *, only_stage: str | None = None, resume: str | Path | None = None) -> Path:
+    """Train every stage in order (or ``only_stage``), each from the previous stage's weights."""
+    import lightning as L
+
+    from medvlsam2.core.engine import MedVLModule
+
+    if resume is not None:
+        folder = Path(resume)
+        if not (folder / "config.yaml").is_file():
+            raise InputError(f"--resume: {folder} is not a run folder (no config.yaml)")
+        cfg = load_config([folder / "config.yaml"])
+    else:
+        folder = run_dir(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "config.yaml", to_yaml(cfg))
+    stages = stages_of(cfg)
+    names = [s.name for s in stages]
+    if only_stage is not None and only_stage not in names:
+        raise ConfigError(f"--stage: no stage '{only_stage}'{did_you_mean(only_stage, names)}; stages: {', '.join(names)}")
+    state = _read_state(folder)
+    previous: Path | None = None
+    for stage in stages:
+        last = folder / "checkpoints" / stage.name / "last.ckpt"
+        if only_stage is not None and stage.name != only_stage:
+            if last.is_file():
+                previous = last
+            continue
+        if stage.name in state["completed"] and last.is_file():
+            previous = last
+            continue
+        L.seed_everything(int(cfg.seed), workers=True, verbose=False)
+        module = MedVLModule(cfg, stage)
+        resume_from = last if last.is_file() else None
+        if resume_from is None and previous is not None:
+            load_weights(module, previous)
+        _log_trainable(module, stage)
+        trainer = _trainer(cfg, stage, folder, training=True)
+        trainer.fit(module, datamodule=_datamodule(cfg, module, stage), ckpt_path=resume_from, weights_only=True)
+        if trainer.global_rank == 0:
+            state["completed"].append(stage.name)
+            atomic_write_text(folder / "state.json", json.dumps(state, indent=2))
+            _write_metrics(folder, module.last_metrics, names)
+        previous = last
+    if previous is not None and previous.is_file():
+        shutil.copyfile(previous, folder / "checkpoints" / ".last.ckpt.tmp")
+        (folder / "checkpoints" / ".last.ckpt.tmp").replace(folder / "checkpoints" / "last.ckpt")
+    return folder
+
+
+def evaluate(cfg: DictConfig, ckpt: str | Path | None, *, split: str = "test") -> dict[str, float]:
+    """Score every task on ``split`` ("validation" or "test") with weights from ``ckpt``."""
+    from medvlsam2.core.engine import MedVLModule
+
+    folder = run_dir(cfg)
+    stage = StageConfig(name=split, tasks=list(dict.fromkeys(t["name"] for t in cfg.tasks)))
+    module = MedVLModule(cfg, stage)
+    if ckpt is not None:
+        load_weights(module, Path(ckpt))
+    trainer = _trainer(cfg, stage, folder, training=False)
+    datamodule = _datamodule(cfg, module, stage)
+    if split == "test":
+        trainer.test(module, datamodule=datamodule)
+    else:
+        trainer.validate(module, datamodule=datamodule)
+    if trainer.global_rank == 0:
+        _write_metrics(folder, module.last_metrics, [s.name for s in stages_of(cfg)])
+    return module.last_metrics
+
+
+def _write_metrics(folder: Path, latest: dict[str, float], stage_names: list[str]) -> None:
+    """metrics.json (merged with what earlier commands wrote) and metrics.csv (all stages)."""
+    path = folder / "metrics.json"
+    merged = json.loads(path.read_text()) if path.is_file() else {}
+    merged.update(latest)
+    atomic_write_text(path, json.dumps(merged, indent=2, sort_keys=True))
+    rows, columns = [], ["stage"]
+    for name in stage_names:
+        log = folder / "logs" / name / "metrics.csv"
+        if not log.is_file():
+            continue
+        with log.open(newline="") as handle:
+            for row in csv.DictReader(handle):
+                rows.append({"stage": name, **row})
+                columns += [c for c in row if c not in columns]
+    if rows:
+        out = folder / "metrics.csv"
+        with out.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns)
+            writer.writeheader()
+            writer.writerows(rows)
