@@ -17,6 +17,7 @@ import csv
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -46,26 +47,39 @@ def stages_of(cfg: DictConfig) -> list[StageConfig]:
     return [StageConfig(name="train", tasks=names, max_steps=cfg.trainer.max_steps, max_epochs=cfg.trainer.max_epochs)]
 
 
-def _trainer(cfg: DictConfig, stage: StageConfig, folder: Path, *, training: bool) -> Any:
+def _trainer(
+    cfg: DictConfig,
+    stage: StageConfig,
+    folder: Path,
+    *,
+    training: bool,
+    extra_callbacks: list[Any] = (),
+    validate: bool = True,
+) -> Any:
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+    # A deprecation inside Lightning itself, not actionable by users.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     t = cfg.trainer
     kwargs = {k: t[k] for k in LIGHTNING_TRAINER_KEYS if t[k] is not None}
     kwargs["max_steps"] = stage.max_steps if stage.max_steps > 0 else t.max_steps
+    if not validate:
+        kwargs["limit_val_batches"] = 0
     max_epochs = stage.max_epochs if stage.max_epochs is not None else t.max_epochs
     if max_epochs is not None:
         kwargs["max_epochs"] = max_epochs
     elif kwargs["max_steps"] > 0:
         kwargs["max_epochs"] = -1
-    callbacks: list[Any] = []
+    callbacks: list[Any] = list(extra_callbacks)
     if training:
         callbacks.append(
             ModelCheckpoint(
                 dirpath=folder / "checkpoints" / stage.name,
-                save_last=True,
-                save_top_k=0,
+                filename="last",
+                save_top_k=1,
+                enable_version_counter=False,
                 every_n_epochs=1,
                 save_on_exception=True,
             )
@@ -132,8 +146,17 @@ def _log_trainable(module: Any, stage: StageConfig) -> None:
     rank_zero_info(f"stage '{stage.name}': trainable parameters per component: {text}")
 
 
-def fit(cfg: DictConfig, *, only_stage: str | None = None, resume: str | Path | None = None) -> Path:
-    """Train every stage in order (or ``only_stage``), each from the previous stage's weights."""
+def fit(
+    cfg: DictConfig | None,
+    *,
+    only_stage: str | None = None,
+    resume: str | Path | None = None,
+    callbacks: list[Any] = (),
+) -> Path:
+    """Train every stage in order (or ``only_stage``), each from the previous stage's weights.
+
+    ``callbacks`` are extra Lightning callbacks for every stage's trainer.
+    """
     import lightning as L
 
     from medvlsam2.core.engine import MedVLModule
@@ -168,8 +191,12 @@ def fit(cfg: DictConfig, *, only_stage: str | None = None, resume: str | Path | 
         if resume_from is None and previous is not None:
             load_weights(module, previous)
         _log_trainable(module, stage)
-        trainer = _trainer(cfg, stage, folder, training=True)
-        trainer.fit(module, datamodule=_datamodule(cfg, module, stage), ckpt_path=resume_from, weights_only=True)
+        datamodule = _datamodule(cfg, module, stage)
+        has_validation = len(datamodule.split("validation")) > 0
+        trainer = _trainer(
+            cfg, stage, folder, training=True, extra_callbacks=list(callbacks), validate=has_validation
+        )
+        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         if trainer.global_rank == 0:
             state["completed"].append(stage.name)
             atomic_write_text(folder / "state.json", json.dumps(state, indent=2))
