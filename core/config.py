@@ -69,7 +69,6 @@ class TrainerConfig:
     max_epochs: int | None = None
     accumulate_grad_batches: int = 1
     gradient_clip_val: float | None = None
-    gradient_checkpointing: bool = False
     deterministic: bool = False
     log_every_n_steps: int = 10
     val_check_interval: float | None = None

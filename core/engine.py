@@ -44,7 +44,7 @@ class MedVLModule(L.LightningModule):
     def __init__(self, cfg: DictConfig, stage: StageConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg
-        self.model = MedVLModel(cfg.model, gradient_checkpointing=cfg.trainer.gradient_checkpointing)
+        self.model = MedVLModel(cfg.model)
         tasks, self.task_weights = build_tasks(cfg)
         for task in tasks.values():
             task.bind(self.model)

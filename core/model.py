@@ -29,7 +29,7 @@ def _args(node: Any) -> dict[str, Any]:
 class MedVLModel(nn.Module):
     """Holds the trunk (or a bare encoder) and the decoder; built from ``cfg.model``."""
 
-    def __init__(self, cfg: Any, *, gradient_checkpointing: bool = False) -> None:
+    def __init__(self, cfg: Any) -> None:
         super().__init__()
         host = get_host()
         self.decoder = None
@@ -42,7 +42,7 @@ class MedVLModel(nn.Module):
             from medvlsam2.core.trunk import Trunk
 
             prompt_dim = self.decoder.prompt_dim if self.decoder is not None else None
-            self.trunk = Trunk.from_config(cfg, prompt_dim=prompt_dim, gradient_checkpointing=gradient_checkpointing)
+            self.trunk = Trunk(cfg, prompt_dim=prompt_dim)
         else:
             enc = _args(cfg.encoder)
             self._encoder = host.build("encoders", enc["name"], enc, path="model.encoder")
@@ -62,7 +62,7 @@ class MedVLModel(nn.Module):
             elif head == "decoder":
                 component = "decoder"
             elif head == "trunk":
-                component = self.trunk.component_of(name[len("trunk."):])
+                component = name.split(".")[1]  # trunk.encoder / projector / llm / seg_projector
             else:
                 component = head
             if component == "llm":
