@@ -236,11 +236,15 @@ def validate_components(cfg: DictConfig) -> None:
 
 def _check_plugin(host: Any, kind: str, name: str, args: dict[str, Any], path: str) -> None:
     try:
-        config_cls = host.get(kind, name).config_class()
+        target = host.get(kind, name).load()
     except MedVLError as err:
         raise ConfigError(f"config: {path}.name: {err}") from err
+    config_cls = getattr(target, "config_class", None)
     if config_cls is not None:
-        make_plugin_config(config_cls, args, path=path)
+        instance = make_plugin_config(config_cls, args, path=path)
+        check = getattr(target, "check_config", None)
+        if callable(check):  # deeper checks a plugin offers without building (e.g. its data options)
+            check(instance, path=path)
     elif args:
         raise ConfigError(f"config: {path}: {kind[:-1]} '{name}' takes no arguments, got {sorted(args)}")
 
