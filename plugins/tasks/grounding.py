@@ -1,0 +1,150 @@
+"""3D visual grounding (as in M3D): referring expression comprehension and generation.
+
+* REC — a description in, a box out as text: ``[d0, h0, w0, d1, h1, w1]``, corners normalised
+  to 0..1 on the model grid (2 decimals). Scored by 3D IoU and accuracy at IoU >= 0.5; an
+  answer with no parseable box counts as IoU 0 (and in ``parse_failure_rate``).
+* REG — a box in (written into the prompt the same way), the description out; scored with
+  text metrics and exact match.
+
+Data: any reader whose samples carry a ``label`` mask with named labels (``nifti_json``: one
+sample per named structure present, description "the {name}") or a referring sample
+(``m3d_refseg``: its question is the description, its ``Mask_ID`` mask the target).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from medvlsam2.core.errors import ConfigError
+from medvlsam2.plugins.tasks.base import TaskConfig
+from medvlsam2.plugins.tasks.language import GenerationConfig, TrunkTextTask, score_text
+
+NUMBER = r"[-+]?\d*\.?\d+"
+BOX = re.compile(r"\[\s*" + r"\s*,\s*".join([f"({NUMBER})"] * 6) + r"\s*\]")
+
+
+def box_to_text(box: np.ndarray) -> str:
+    return "[" + ", ".join(f"{v:.2f}" for v in box) + "]"
+
+
+def parse_box_text(text: str) -> np.ndarray | None:
+    """The first ``[a, b, c, d, e, f]`` in ``text`` with min <= max corners, else None."""
+    match = BOX.search(text)
+    if not match:
+        return None
+    box = np.array([float(g) for g in match.groups()])
+    if (box[:3] > box[3:]).any():
+        return None
+    return box
+
+
+def mask_box(mask: np.ndarray) -> np.ndarray | None:
+    """Normalised ``(d0, h0, w0, d1, h1, w1)`` of a boolean mask; voxel edges, so a full mask is 0..1."""
+    idx = np.argwhere(mask)
+    if len(idx) == 0:
+        return None
+    shape = np.asarray(mask.shape, dtype=float)
+    return np.concatenate([idx.min(0) / shape, (idx.max(0) + 1) / shape])
+
+
+@dataclass
+class GroundingConfig(TaskConfig):
+    #: rec: description -> box; reg: box -> description; both: every target twice.
+    mode: str = "both"
+    generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=40))
+    text_metrics: list[str] = field(default_factory=lambda: ["bleu", "rouge"])
+    #: Label names to ground (nifti_json); empty = every named label present in the volume.
+    structures: list[str] = field(default_factory=list)
+
+
+class GroundingTask(TrunkTextTask):
+    config_class = GroundingConfig
+    main_metric = "rec_acc@0.5"
+    prompt_kind = "rec"
+    default_prompts: ClassVar[dict[str, list[str]]] = {
+        "rec": [
+            "Where is {description}? Answer with a 3D box.",
+            "Give the bounding box of {description}.",
+        ],
+        "reg": [
+            "What is in the box {box}?",
+            "Describe the region {box}.",
+        ],
+    }
+
+    @classmethod
+    def check_config(cls, cfg: Any, path: str = "task") -> None:
+        super().check_config(cfg, path)
+        if cfg.mode not in ("rec", "reg", "both"):
+            raise ConfigError(f"config: {path}.mode: '{cfg.mode}' is not one of rec, reg, both")
+
+    def samples(self, split: str) -> list[dict[str, Any]]:
+        out = []
+        for record in self.records(split):
+            targets = self._targets(record)
+            for description, label_value in targets:
+                for kind in ("rec", "reg"):
+                    if self.cfg.mode in (kind, "both"):
+                        out.append({**record, "kind": kind, "description": description, "label_value": label_value})
+        return out
+
+    def _targets(self, record: dict[str, Any]) -> list[tuple[str, int | None]]:
+        if "question" in record and record.get("label"):
+            return [(record["question"], None)]
+        names = record.get("labels") or {}
+        wanted = set(self.cfg.structures)
+        return [(f"the {name}", int(value)) for value, name in sorted(names.items()) if not wanted or name in wanted]
+
+    def _target_box(self, sample: dict[str, Any], record: Any) -> np.ndarray | None:
+        label = self.label_on_model_grid(sample, record)
+        mask = label > 0 if sample["label_value"] is None else label == sample["label_value"]
+        return mask_box(mask)
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
+        volumes, records = self.stack_volumes(samples)
+        prompts, answers, boxes = [], [], []
+        for sample, record in zip(samples, records):
+            box = self._target_box(sample, record)
+            boxes.append(box)
+            if sample["kind"] == "rec":
+                prompts.append(self.template("rec").format(description=sample["description"]))
+                answers.append(box_to_text(box) if box is not None else "Not present.")
+            else:
+                prompts.append(self.template("reg").format(box=box_to_text(box) if box is not None else "[]"))
+                answers.append(sample["description"])
+        return {"volume": volumes, "records": records, "prompts": prompts, "answers": answers, "boxes": boxes, "samples": samples}
+
+    @torch.no_grad()
+    def predict_step(self, model: Any, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        rows = super().predict_step(model, batch)
+        for row, sample, box in zip(rows, batch["samples"], batch["boxes"]):
+            row.update(kind=sample["kind"], target_box=box)
+        return rows
+
+    def compute_metrics(self, predictions: list[dict[str, Any]]) -> dict[str, float]:
+        from medvlsam2.plugins.tasks.metrics import box_iou_3d
+
+        out: dict[str, float] = {}
+        rec = [p for p in predictions if p["kind"] == "rec" and p["target_box"] is not None]
+        if rec:
+            ious, failures = [], 0
+            for p in rec:
+                box = parse_box_text(p["prediction"])
+                if box is None:
+                    failures += 1
+                    ious.append(0.0)
+                else:
+                    ious.append(float(box_iou_3d(box[None], np.asarray(p["target_box"])[None])[0]))
+            iou = np.asarray(ious)
+            out.update({"rec_iou": float(iou.mean()), "rec_acc@0.5": float((iou >= 0.5).mean()), "parse_failure_rate": failures / len(rec)})
+        reg = [p for p in predictions if p["kind"] == "reg"]
+        if reg:
+            preds, refs = [p["prediction"] for p in reg], [p["reference"] for p in reg]
+            out.update({f"reg_{k}": v for k, v in score_text(preds, refs, list(self.cfg.text_metrics)).items()})
+            out["reg_exact_match"] = float(np.mean([a.strip(" .").lower() == b.strip(" .").lower() for a, b in zip(preds, refs)]))
+        return out

@@ -1,0 +1,132 @@
+"""The hf_causal LLM plugin: sources, special tokens, LoRA, trainable rows, templates, switches."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from medvlsam2.core.errors import ConfigError, InputError
+from medvlsam2.core.llm import IMAGE_TOKEN, SEG_TOKEN
+from medvlsam2.core.registry import build
+from medvlsam2.plugins.llms.hf_causal import LORA_TARGETS, linear_layer_names
+
+TINY_LLAMA = {
+    "model_type": "llama",
+    "model_config": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                     "num_attention_heads": 4, "num_key_value_heads": 2},
+    "lora_r": 4,
+    "lora_alpha": 8,
+}
+TINY_GPT2 = {"model_type": "gpt2", "model_config": {"n_embd": 64, "n_layer": 2, "n_head": 4}, "lora_r": 4}
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return build("llms", "hf_causal", TINY_LLAMA)
+
+
+def test_special_tokens_added_once(llama):
+    tok = llama.tokenizer
+    assert len(tok) == 50257 + 2  # the real GPT-2 BPE plus <image> and [SEG]
+    assert tok.convert_ids_to_tokens([llama.image_token_id, llama.seg_token_id]) == [IMAGE_TOKEN, SEG_TOKEN]
+    assert tok(f"a {SEG_TOKEN} b", add_special_tokens=False).input_ids.count(llama.seg_token_id) == 1
+    assert llama.model.get_input_embeddings().weight.shape[0] >= len(tok)
+    before = len(tok)
+    llama._add_special_tokens(llama.model.get_base_model(), tok)
+    assert len(tok) == before
+
+
+def test_lora_targets_are_every_linear_layer(llama):
+    from transformers import AutoModelForCausalLM
+
+    base = llama.model.get_base_model()
+    assert sorted(LORA_TARGETS["llama"]) == linear_layer_names(AutoModelForCausalLM.from_config(base.config))
+    wrapped = {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if hasattr(m, "lora_A")}
+    assert wrapped == set(LORA_TARGETS["llama"])
+
+
+def test_base_frozen_and_count_matches_peft(llama):
+    trainable = {n: p.numel() for n, p in llama.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or "trainable_tokens_delta" in n for n in trainable)
+    peft_trainable, peft_total = llama.model.get_nb_trainable_parameters()
+    assert sum(trainable.values()) == peft_trainable
+    assert llama.trainable_parameter_count() == (peft_trainable, peft_total)
+    layers, h, r, inter, kv = 2, 64, 4, 128, 32
+    per_layer = r * (h + h) * 2 + r * (h + kv) * 2 + r * (h + inter) * 2 + r * (inter + h)
+    assert peft_trainable == layers * per_layer + 2 * h  # LoRA A/B + the two new rows
+
+
+def test_new_rows_learn_old_rows_stay(llama):
+    ids = torch.tensor([[11, llama.seg_token_id, 13, llama.image_token_id]])
+    embed_before = llama.embed_tokens(torch.arange(50259)).detach().clone()
+    params = [p for p in llama.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1.0)
+    out = llama(llama.embed_tokens(ids), torch.ones_like(ids), labels=ids)
+    out.loss.backward()
+    opt.step()
+    after = llama.embed_tokens(torch.arange(50259)).detach()
+    changed = (after - embed_before).abs().sum(1).nonzero().flatten().tolist()
+    assert llama.seg_token_id in changed
+    assert set(changed) <= {llama.seg_token_id, llama.image_token_id}
+    opt.zero_grad()
+
+
+def test_gpt2_family_and_plain_template():
+    gpt2 = build("llms", "hf_causal", TINY_GPT2)
+    assert set(gpt2.lora_target_modules) == {"c_attn", "c_proj", "c_fc"}
+    assert not gpt2.uses_chat_template
+    assert gpt2.format_prompt("What?").endswith("### User:\nWhat?\n### Assistant:\n")
+    ids = torch.tensor([[1, 2, gpt2.seg_token_id]])
+    out = gpt2(gpt2.embed_tokens(ids), torch.ones_like(ids))
+    assert out.hidden_states.shape == (1, 3, 64) and out.logits.shape[-1] >= 50259
+
+
+def test_switches_reach_transformers():
+    llm = build("llms", "hf_causal", {**TINY_LLAMA, "attn_implementation": "eager", "gradient_checkpointing": True,
+                                      "dtype": "bfloat16", "lora_target_modules": ["q_proj", "v_proj"]})
+    base = llm.model.get_base_model()
+    assert base.config._attn_implementation == "eager"
+    assert base.is_activation_checkpointing
+    assert llm.dtype == torch.bfloat16
+    assert {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if hasattr(m, "lora_A")} == {"q_proj", "v_proj"}
+    ids = torch.tensor([[5, 6, llm.seg_token_id]])
+    out = llm(llm.embed_tokens(ids).float(), torch.ones_like(ids), labels=ids)
+    out.loss.backward()
+    assert any(p.grad is not None for n, p in llm.named_parameters() if "lora_B" in n)
+
+
+def test_full_finetune_and_no_lora_modes():
+    full = build("llms", "hf_causal", {**TINY_LLAMA, "lora": False, "freeze_base": False})
+    assert all(p.requires_grad for p in full.parameters())
+    tokens_only = build("llms", "hf_causal", {**TINY_LLAMA, "lora": False})
+    trainable = [n for n, p in tokens_only.named_parameters() if p.requires_grad]
+    assert trainable and all("trainable_tokens" in n for n in trainable)
+
+
+def test_config_errors_name_the_problem(tmp_path):
+    with pytest.raises(InputError, match="not a model folder"):
+        build("llms", "hf_causal", {"path": str(tmp_path)})
+    with pytest.raises(ConfigError, match="model_type 'nonsense'"):
+        build("llms", "hf_causal", {"model_type": "nonsense"})
+    with pytest.raises(ConfigError, match="dtype"):
+        build("llms", "hf_causal", {**TINY_LLAMA, "dtype": "fp8"})
+    with pytest.raises(ConfigError, match="unknown key 'model.llm.lora_rank'"):
+        build("llms", "hf_causal", {"lora_rank": 3}, path="model.llm")
+
+
+def test_smollm2_loads_offline_from_the_package_and_is_cached():
+    llm = build("llms", "hf_causal", {"lora_r": 8})  # the default: SmolLM2-135M-Instruct (GGUF)
+    assert llm.hidden_size == 576 and llm.uses_chat_template
+    prompt = llm.format_prompt("Hello")
+    assert prompt.startswith("<|im_start|>") and prompt.endswith("<|im_start|>assistant\n")
+    start = time.perf_counter()
+    again = build("llms", "hf_causal", {"lora_r": 8})
+    assert time.perf_counter() - start < 20  # no second de-quantisation (that alone takes ~12 s)
+    trainable, _ = again.trainable_parameter_count()
+    assert trainable > 0 and all(not p.requires_grad for n, p in again.named_parameters() if "base_layer" in n)
+    tok = again.tokenizer
+    ids = tok("The capital of France is", return_tensors="pt").input_ids
+    new = again.generate_ids(again.embed_tokens(ids), torch.ones_like(ids), max_new_tokens=3, do_sample=False)
+    assert "Paris" in tok.decode(new[0])  # LoRA starts as identity: the pretrained model answers
