@@ -105,6 +105,21 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from medvlsam2.core.export import export
+
+    print(f"exported to {export(args.ckpt, args.out)}")
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from medvlsam2.core.predict import Request, predict
+
+    request = Request(task=args.task, text=args.text, points=args.points, box=args.box, overlay=args.overlay)
+    failed = predict(args.model, args.volume, request, args.out)
+    return 1 if failed else 0
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML file; repeat to merge")
     p.add_argument("overrides", nargs="*", metavar="key.path=value")
@@ -149,6 +164,22 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.add_argument("--ckpt", help="weights: a .ckpt file (default: the model as built)")
         p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="adapter + trainables.safetensors + config + model card from a checkpoint")
+    p.add_argument("--ckpt", required=True, help="RUN/checkpoints/last.ckpt")
+    p.add_argument("--out", required=True, help="export folder")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("predict", help="masks and answers for a volume (or a folder / datalist of volumes)")
+    p.add_argument("--model", required=True, help="an export folder or a .ckpt")
+    p.add_argument("--volume", required=True, help="NIfTI/NRRD file, a folder of them, or a datalist (.json/.txt)")
+    p.add_argument("--task", required=True, help="a task of the model, e.g. semantic_seg")
+    p.add_argument("--text", help="the text prompt (class name, description or question)")
+    p.add_argument("--points", help="'i,j,k,label;...' voxel indices of the file; label 1 foreground, 0 background")
+    p.add_argument("--box", help="'i0,j0,k0,i1,j1,k1' inclusive voxel indices of the file")
+    p.add_argument("--overlay", action="store_true", help="also write PNGs of key slices with the mask outline")
+    p.add_argument("--out", required=True, help="output folder (mask.nii.gz, answer.json)")
+    p.set_defaults(func=_cmd_predict)
     return parser
 
 
@@ -159,6 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if func is None:
         parser.print_help()
         return 0
+    if not args.debug:
+        # Third-party deprecation and advice warnings are noise for a user of the command line.
+        import os
+        import warnings
+
+        warnings.filterwarnings("ignore", module=r"(transformers|lightning|torch|peft|monai|timm|sam2|hydra)(\.|$)")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         return func(args)
     except MedVLError as err:

@@ -1,0 +1,184 @@
+"""``medvlsam2 predict``: one volume (or a folder / datalist of them) through one task.
+
+Masks are written on the input's own grid and affine (the model's resampling and
+re-orientation undone) with ``answer.json`` beside them. Over several volumes a failing case
+(bad file, out of memory) is reported and the others go on; results already written stay.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medvlsam2.core.checkpoint import atomic_write_text
+from medvlsam2.core.errors import InputError, MedVLError, did_you_mean
+from medvlsam2.core.prompts import check_inside, check_text, parse_box, parse_points
+
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
+
+
+@dataclass
+class Request:
+    task: str
+    text: str | None = None
+    points: str | None = None
+    box: str | None = None
+    overlay: bool = False
+    threshold: float = 0.5
+
+
+def volumes_of(source: str | Path) -> list[Path]:
+    """A volume file, every volume in a folder, or the images of a JSON datalist / text list."""
+    path = Path(source)
+    if path.is_dir():
+        found = sorted(p for p in path.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES))
+        if not found:
+            raise InputError(f"--volume: no NIfTI/NRRD volume in folder {path}")
+        return found
+    if not path.exists():
+        raise InputError(f"--volume: file not found: {path}")
+    if path.suffix == ".json":
+        data = json.loads(path.read_text())
+        items = data if isinstance(data, list) else next((v for v in data.values() if isinstance(v, list)), [])
+        images = [i["image"] if isinstance(i, dict) else i for i in items]
+        return [(path.parent / i) for i in images]
+    if path.suffix == ".txt":
+        return [path.parent / line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [path]
+
+
+def _case_name(path: Path) -> str:
+    name = path.name
+    for suffix in VOLUME_SUFFIXES:
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return path.stem
+
+
+def predict_one(module: Any, task: Any, preprocess_cfg: Any, volume_path: Path, request: Request, out: Path) -> dict[str, Any]:
+    import nibabel as nib
+    import torch
+
+    from medvlsam2.plugins.tasks.data.transforms import box_to_model, points_to_model, preprocess, restore
+
+    volume, record = preprocess(volume_path, preprocess_cfg)
+    points = box = None
+    if request.points:
+        parsed = parse_points(request.points)
+        check_inside(record.original_shape, points=parsed)
+        model_pts = points_to_model(np.asarray([p[:3] for p in parsed]), record)
+        points = np.concatenate([model_pts, np.asarray([[p[3]] for p in parsed])], axis=1)
+    if request.box:
+        parsed_box = parse_box(request.box)
+        check_inside(record.original_shape, box=parsed_box)
+        box = box_to_model(np.asarray(parsed_box), record)
+    infer = getattr(task, "infer", None)
+    if infer is None:
+        raise InputError(f"--task: task '{request.task}' cannot predict single volumes")
+    with torch.no_grad():
+        result = infer(module.model, volume[None], text=request.text, points=points, box=box)
+    out.mkdir(parents=True, exist_ok=True)
+    answer: dict[str, Any] = {"volume": str(volume_path), "task": request.task, "text": result.get("text")}
+    for key in ("choice",):
+        if key in result:
+            answer[key] = result[key]
+    masks = result.get("masks")
+    if masks is not None:
+        binary = (torch.as_tensor(masks) >= request.threshold).to(torch.uint8).cpu().numpy()
+        on_file = restore(binary, record)  # (K, X, Y, Z)
+        label_map = np.zeros(on_file.shape[1:], dtype=np.uint8)
+        for k in range(on_file.shape[0]):  # later objects win where objects overlap
+            label_map[on_file[k] > 0] = k + 1
+        mask_path = out / "mask.nii.gz"
+        nib.save(nib.Nifti1Image(label_map, record.original_affine), str(mask_path))
+        voxel_ml = abs(float(np.linalg.det(record.original_affine[:3, :3]))) / 1000.0
+        names = list(result.get("names") or [])
+        scores = list(result.get("scores") or [])
+        answer["mask"] = str(mask_path)
+        answer["objects"] = [
+            {
+                "label": k + 1,
+                "name": names[k] if k < len(names) else f"object {k + 1}",
+                "score": float(scores[k]) if k < len(scores) else None,
+                "voxels": int((label_map == k + 1).sum()),
+                "volume_ml": round(int((label_map == k + 1).sum()) * voxel_ml, 3),
+            }
+            for k in range(on_file.shape[0])
+        ]
+        if request.overlay:
+            answer["overlays"] = write_overlays(volume_path, label_map, out)
+    atomic_write_text(out / "answer.json", json.dumps(answer, indent=2))
+    return answer
+
+
+def write_overlays(volume_path: Path, label_map: np.ndarray, out: Path) -> list[str]:
+    """PNGs of the slice with the most mask along each axis, with the mask outline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medvlsam2.plugins.tasks.data.transforms import read_volume
+
+    image = np.asarray(read_volume(volume_path))
+    files = []
+    for axis, name in enumerate(("i", "j", "k")):
+        area = (label_map > 0).sum(axis=tuple(a for a in range(3) if a != axis))
+        index = int(area.argmax()) if area.any() else image.shape[axis] // 2
+        img = np.take(image, index, axis=axis)
+        lab = np.take(label_map, index, axis=axis)
+        fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
+        ax.imshow(img.T, cmap="gray", origin="lower")
+        if lab.any():
+            ax.contour(lab.T > 0, levels=[0.5], colors="red", linewidths=1.0, origin="lower")
+        ax.set_title(f"{name} = {index}")
+        ax.axis("off")
+        path = out / f"overlay_{name}{index}.png"
+        fig.savefig(path, bbox_inches="tight")
+        plt.close(fig)
+        files.append(str(path))
+    return files
+
+
+def predict(model: str | Path, source: str | Path, request: Request, out: str | Path) -> int:
+    """Run every volume of ``source``; returns the number of failed cases."""
+    import torch
+
+    from medvlsam2.core.engine import task_keys
+    from medvlsam2.core.export import load_module, model_config
+    from medvlsam2.plugins.tasks.data.transforms import PreprocessConfig, get_preset
+
+    request.text = check_text(request.text)
+    if request.points:
+        parse_points(request.points)
+    if request.box:
+        parse_box(request.box)
+    volumes = volumes_of(source)
+    names = task_keys(model_config(model).tasks)
+    if request.task not in names:
+        raise InputError(f"--task: the model has no task '{request.task}'{did_you_mean(request.task, names)}; tasks: {', '.join(names)}")
+    module, cfg, metadata = load_module(model)
+    task = module.tasks[request.task]
+    saved = (metadata.get("tasks") or {}).get(request.task, {}).get("preprocess")
+    preprocess_cfg = get_preset(PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})) if saved else task.preprocess_config()
+    out = Path(out)
+    failed = 0
+    for path in volumes:
+        target = out if len(volumes) == 1 else out / _case_name(path)
+        try:
+            answer = predict_one(module, task, preprocess_cfg, path, request, target)
+            print(f"{path}: {answer.get('mask') or answer.get('text')}")
+        except (MedVLError, MemoryError, torch.OutOfMemoryError) as err:
+            if len(volumes) == 1:
+                raise
+            failed += 1
+            message = "out of memory" if isinstance(err, (MemoryError, torch.OutOfMemoryError)) else str(err)
+            print(f"medvlsam2: case {path} failed: {message}", file=sys.stderr)
+    if len(volumes) > 1:
+        print(f"{len(volumes) - failed} of {len(volumes)} volumes done; results in {out}")
+    return failed

@@ -1,0 +1,130 @@
+"""fit -> export -> load -> predict, on a tiny language model (no unpickling anywhere)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_language_tasks import run_config, task_yaml, write_cases
+
+from medvlsam2.core.config import load_config
+from medvlsam2.core.errors import InputError
+from medvlsam2.core.export import export, load_module
+from medvlsam2.core.run import fit, load_weights
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("exp")
+    data = root / "data"
+    data.mkdir()
+    write_cases(data)
+    cfg = load_config([run_config(root, task_yaml(data, "m3d_vqa", "vqa", ", mode: open, generation: {max_new_tokens: 5}"))])
+    folder = fit(cfg)
+    out = export(folder / "checkpoints" / "last.ckpt", root / "export")
+    return cfg, folder, out, data
+
+
+def test_export_folder_contents(trained):
+    cfg, folder, out, _ = trained
+    for name in ("config.yaml", "adapter_model.safetensors", "adapter_config.json", "trainables.safetensors", "metadata.json", "README.md"):
+        assert (out / name).is_file(), name
+    trainables = load_file(str(out / "trainables.safetensors"))
+    assert any(k.startswith("model.trunk.projector.") for k in trainables)
+    assert not any("lora_" in k or k.startswith("model.trunk.encoder.") for k in trainables)
+    adapter = load_file(str(out / "adapter_model.safetensors"))
+    assert any("lora_A" in k for k in adapter) and any("trainable_tokens" in k for k in adapter)
+    card = (out / "README.md").read_text()
+    assert "`vit3d`" in card and "`hf_causal`" in card and "vqa" in card
+    assert json.loads((out / "metadata.json").read_text())["tasks"]["vqa"]["preprocess"]["spatial_size"] == [8, 32, 32]
+
+
+def test_export_reloads_the_trained_weights(trained):
+    cfg, folder, out, _ = trained
+    from medvlsam2.core.export import _build_module
+
+    reference = _build_module(cfg)
+    load_weights(reference, folder / "checkpoints" / "last.ckpt")
+    loaded, _, _ = load_module(out)
+    a, b = reference.state_dict(), loaded.state_dict()
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_tampered_frozen_weight_or_other_config_is_refused(trained, tmp_path):
+    cfg, folder, out, _ = trained
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    meta = json.loads((copy / "metadata.json").read_text())
+    key = next(iter(meta["frozen_checksums"]))
+    meta["frozen_checksums"][key] = "0" * 40
+    (copy / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(InputError, match="frozen weight"):
+        load_module(copy)
+    shutil.copytree(out, tmp_path / "other")
+    state = load_file(str(out / "trainables.safetensors"))
+    name = next(k for k in state if k.startswith("model.trunk.projector."))
+    state[name] = torch.zeros(3, 3)
+    save_file(state, str(tmp_path / "other" / "trainables.safetensors"))
+    with pytest.raises(InputError, match="different model config: .*projector"):
+        load_module(tmp_path / "other")
+
+
+@pytest.mark.parametrize("source", ["export", "ckpt"])
+def test_predict_command_writes_an_answer(trained, tmp_path, source):
+    cfg, folder, out, data = trained
+    model = out if source == "export" else folder / "checkpoints" / "last.ckpt"
+    result = subprocess.run(
+        [
+            sys.executable, "-m", "medvlsam2", "predict", "--model", str(model), "--volume", str(data / "case4.nii.gz"),
+            "--task", "vqa", "--text", "Which side is the lesion on?", "--out", str(tmp_path / "pred"),
+        ],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    answer = json.loads((tmp_path / "pred" / "answer.json").read_text())
+    assert answer["task"] == "vqa" and isinstance(answer["text"], str)
+
+
+def test_predict_errors_name_the_problem(trained, tmp_path):
+    cfg, folder, out, data = trained
+    base = [sys.executable, "-m", "medvlsam2", "predict", "--model", str(out), "--out", str(tmp_path / "p")]
+    cases = [
+        (["--volume", str(data / "case4.nii.gz"), "--task", "vq"], "--task: the model has no task 'vq' (did you mean 'vqa'?)"),
+        (["--volume", str(data / "missing.nii.gz"), "--task", "vqa"], "--volume: file not found"),
+        (["--volume", str(data / "case4.nii.gz"), "--task", "vqa", "--text", " "], "--text: empty prompt"),
+        (["--volume", str(data / "case4.nii.gz"), "--task", "vqa", "--points", "1,2,3,7"], "label must be 1"),
+        (["--volume", str(data / "case4.nii.gz"), "--task", "vqa", "--box", "5,5,5,1,1,1"], "minimum corner"),
+    ]
+    for args, message in cases:
+        result = subprocess.run(base + args, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 2, (args, result.stderr[-1500:])
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, result.stderr[-1500:])
+
+
+def test_predict_over_a_folder_keeps_going_after_a_bad_case(trained, tmp_path):
+    cfg, folder, out, data = trained
+    import shutil
+
+    cases = tmp_path / "cases"
+    cases.mkdir()
+    shutil.copy(data / "case4.nii.gz", cases / "a.nii.gz")
+    (cases / "b.nii.gz").write_bytes(b"not a nifti file")
+    shutil.copy(data / "case5.nii.gz", cases / "c.nii.gz")
+    result = subprocess.run(
+        [sys.executable, "-m", "medvlsam2", "predict", "--model", str(out), "--volume", str(cases), "--task", "vqa",
+         "--text", "Which side?", "--out", str(tmp_path / "many")],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 1
+    assert "b.nii.gz failed" in result.stderr
+    assert (tmp_path / "many" / "a" / "answer.json").is_file() and (tmp_path / "many" / "c" / "answer.json").is_file()
+    assert "2 of 3 volumes done" in result.stdout
