@@ -95,6 +95,8 @@ class RunConfig:
     seed: int = 0
     output_dir: str = "runs"
     run_name: str = "run"
+    #: Free variables for interpolation elsewhere in the file, e.g. ``${vars.data_root}``.
+    vars: dict[str, Any] = field(default_factory=dict)
 
 
 # -- reading --------------------------------------------------------------------------------
