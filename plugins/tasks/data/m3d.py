@@ -272,6 +272,8 @@ class M3DRefSegReader(DatasetReader):
     cfg: M3DRefSegConfig
     split_files = {
         "train": "M3D_RefSeg_train.csv",
+        # M3D-RefSeg ships train/test; a validation split a user carves out goes here.
+        "validation": "M3D_RefSeg_val.csv",
         "test": "M3D_RefSeg_test.csv",
         "all": "M3D_RefSeg_all.csv",
     }
