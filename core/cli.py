@@ -120,6 +120,16 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_build_demo(args: argparse.Namespace) -> int:
+    from medvlsam2.plugins.tasks.data.demo import build_demo_data
+
+    manifest = build_demo_data(
+        args.out, num_cases=args.cases, num_ct_cases=args.ct_cases, seed=args.seed, force=args.force
+    )
+    print(f"demo data: {manifest}")
+    return 0
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", action="append", default=[], metavar="FILE", help="YAML file; repeat to merge")
     p.add_argument("overrides", nargs="*", metavar="key.path=value")
@@ -164,6 +174,16 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.add_argument("--ckpt", help="weights: a .ckpt file (default: the model as built)")
         p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("data", help="data utilities")
+    data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
+    q = data_sub.add_parser("build-demo", help="write the demo dataset (real MNI152 anatomy + CT phantoms)")
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--cases", type=int, default=24, help="brain cases (default 24)")
+    q.add_argument("--ct-cases", type=int, default=8, help="CT phantom cases (default 8)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--force", action="store_true", help="rebuild even when the folder holds the same build")
+    q.set_defaults(func=_cmd_build_demo)
 
     p = sub.add_parser("export", help="adapter + trainables.safetensors + config + model card from a checkpoint")
     p.add_argument("--ckpt", required=True, help="RUN/checkpoints/last.ckpt")
