@@ -52,6 +52,7 @@ class MedVLModule(L.LightningModule):
         self.stage = stage
         self._predictions: dict[str, list[dict[str, Any]]] = defaultdict(list)
         self.last_metrics: dict[str, float] = {}
+        self.last_predictions: dict[str, list[dict[str, Any]]] = {}
         self.trainable_components = self.apply_stage(stage)
 
     # -- freezing -------------------------------------------------------------------------
@@ -139,6 +140,7 @@ class MedVLModule(L.LightningModule):
                     metrics[f"{prefix}/{key}/{name}"] = float(value)
                 metrics[f"{prefix}/{key}/num_cases"] = float(len(predictions[key]))
         self.last_metrics = metrics
+        self.last_predictions = dict(predictions)
         for name, value in metrics.items():
             self.log(name, value, sync_dist=False, rank_zero_only=True)
 

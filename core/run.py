@@ -122,6 +122,24 @@ def _datamodule(cfg: DictConfig, module: Any, stage: StageConfig) -> Any:
     )
 
 
+def prepare_demo_data(cfg: DictConfig) -> None:
+    """Build the demo dataset where ``vars.demo_data`` points, if it is not there yet.
+
+    ``vars.demo_cases`` / ``vars.demo_ct_cases`` size it; an existing identical build is reused.
+    """
+    target = (cfg.vars or {}).get("demo_data")
+    if not target:
+        return
+    from medvlsam2.plugins.tasks.data.demo import build_demo_data
+
+    build_demo_data(
+        target,
+        num_cases=int(cfg.vars.get("demo_cases", 24)),
+        num_ct_cases=int(cfg.vars.get("demo_ct_cases", 8)),
+        seed=int(cfg.vars.get("demo_seed", 0)),
+    )
+
+
 def _read_state(folder: Path) -> dict[str, Any]:
     path = folder / "state.json"
     return json.loads(path.read_text()) if path.is_file() else {"completed": []}
@@ -170,6 +188,7 @@ def fit(
         folder = run_dir(cfg)
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "config.yaml", to_yaml(cfg))
+    prepare_demo_data(cfg)
     stages = stages_of(cfg)
     names = [s.name for s in stages]
     if only_stage is not None and only_stage not in names:
@@ -212,11 +231,18 @@ def evaluate(cfg: DictConfig, ckpt: str | Path | None, *, split: str = "test") -
     """Score every task on ``split`` ("validation" or "test") with weights from ``ckpt``."""
     from medvlsam2.core.engine import MedVLModule
 
-    folder = run_dir(cfg)
-    stage = StageConfig(name=split, tasks=list(dict.fromkeys(t["name"] for t in cfg.tasks)))
-    module = MedVLModule(cfg, stage)
+    prepare_demo_data(cfg)
+    module = MedVLModule(cfg, StageConfig(name=split, tasks=[]))
     if ckpt is not None:
         load_weights(module, Path(ckpt))
+    metrics, _ = evaluate_module(cfg, module, split=split)
+    return metrics
+
+
+def evaluate_module(cfg: DictConfig, module: Any, *, split: str = "test") -> tuple[dict[str, float], dict[str, list]]:
+    """Score a built module on ``split``; returns the metrics and every task's predictions."""
+    folder = run_dir(cfg)
+    stage = StageConfig(name=split, tasks=list(dict.fromkeys(t["name"] for t in cfg.tasks)))
     trainer = _trainer(cfg, stage, folder, training=False)
     datamodule = _datamodule(cfg, module, stage)
     if split == "test":
@@ -225,7 +251,7 @@ def evaluate(cfg: DictConfig, ckpt: str | Path | None, *, split: str = "test") -
         trainer.validate(module, datamodule=datamodule)
     if trainer.global_rank == 0:
         _write_metrics(folder, module.last_metrics, [s.name for s in stages_of(cfg)])
-    return module.last_metrics
+    return module.last_metrics, module.last_predictions
 
 
 def _write_metrics(folder: Path, latest: dict[str, float], stage_names: list[str]) -> None:
