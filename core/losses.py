@@ -1,0 +1,115 @@
+"""Segmentation losses shared by the segmentation tasks, for any ``MaskDecoder``.
+
+Dice + BCE on the mask logits (weights configurable, sigmoid focal as an option), plus SAM2's
+own heads: the IoU prediction regressed onto the real per-slice IoU, and the object-score
+logit classified against "object present on this slice". As in SAM2's training losses, the
+IoU term only counts on slices where the object is present.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medvlsam2.core.decoder import DecoderOutput
+from medvlsam2.core.errors import ConfigError, InputError
+
+
+@dataclass
+class SegLossConfig:
+    """Weights of the loss terms (0 switches a term off)."""
+
+    dice_weight: float = 1.0
+    bce_weight: float = 1.0
+    focal_weight: float = 0.0
+    focal_alpha: float = 0.25
+    focal_gamma: float = 2.0
+    iou_weight: float = 1.0
+    object_score_weight: float = 1.0
+    #: Slices whose target has at least this many foreground voxels count as "object present".
+    min_present_voxels: int = 1
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice over all but the first two axes (one value per object), averaged."""
+    prob = logits.float().sigmoid().flatten(2)
+    tgt = target.float().flatten(2)
+    inter = (prob * tgt).sum(-1)
+    return (1 - (2 * inter + eps) / (prob.sum(-1) + tgt.sum(-1) + eps)).mean()
+
+
+def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
+    """Sigmoid focal loss (RetinaNet / SAM2); ``alpha < 0`` disables class weighting."""
+    logits, target = logits.float(), target.float()
+    prob = logits.sigmoid()
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    p_t = prob * target + (1 - prob) * (1 - target)
+    loss = ce * (1 - p_t) ** gamma
+    if alpha >= 0:
+        loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
+    return loss.mean()
+
+
+def slice_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Hard IoU per slice ``(B, K, D)`` of ``logits > 0`` against ``target`` (no gradient)."""
+    pred = (logits.detach() > 0).flatten(3)
+    tgt = target.bool().flatten(3)
+    inter = (pred & tgt).sum(-1).float()
+    union = (pred | tgt).sum(-1).float()
+    return inter / union.clamp_min(1.0)
+
+
+def iou_prediction_loss(iou_pred: torch.Tensor, logits: torch.Tensor, target: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """MSE between predicted and real per-slice IoU, on slices where the object is present."""
+    err = (iou_pred.float() - slice_iou(logits, target)) ** 2
+    weight = present.float()
+    return (err * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def object_score_loss(object_score: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
+    """BCE of the object-score logit against object presence per slice."""
+    return F.binary_cross_entropy_with_logits(object_score.float(), present.float())
+
+
+class SegmentationLoss(nn.Module):
+    """``DecoderOutput`` + target masks ``(B, K, D, H, W)`` -> a dict of terms and their weighted ``loss``."""
+
+    config_class = SegLossConfig
+
+    def __init__(self, cfg: SegLossConfig | None = None) -> None:
+        super().__init__()
+        self.cfg = cfg or SegLossConfig()
+        weights = [self.cfg.dice_weight, self.cfg.bce_weight, self.cfg.focal_weight, self.cfg.iou_weight, self.cfg.object_score_weight]
+        if any(w < 0 for w in weights):
+            raise ConfigError("loss weights must be non-negative")
+        if not any(w > 0 for w in weights[:3]):
+            raise ConfigError("at least one of dice_weight, bce_weight, focal_weight must be positive")
+
+    def forward(self, output: DecoderOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = output.masks
+        if target.shape != logits.shape:
+            raise InputError(f"target masks have shape {tuple(target.shape)}, the decoder gave {tuple(logits.shape)}")
+        cfg = self.cfg
+        target = target.to(logits.dtype)
+        terms: dict[str, torch.Tensor] = {}
+        if cfg.dice_weight > 0:
+            terms["dice"] = dice_loss(logits, target)
+        if cfg.bce_weight > 0:
+            terms["bce"] = bce_loss(logits, target)
+        if cfg.focal_weight > 0:
+            terms["focal"] = focal_loss(logits, target, cfg.focal_alpha, cfg.focal_gamma)
+        present = target.flatten(3).sum(-1) >= cfg.min_present_voxels
+        if cfg.iou_weight > 0 and output.iou_pred is not None:
+            terms["iou"] = iou_prediction_loss(output.iou_pred, logits, target, present)
+        if cfg.object_score_weight > 0 and output.object_score is not None:
+            terms["object_score"] = object_score_loss(output.object_score, present)
+        weight = {"dice": cfg.dice_weight, "bce": cfg.bce_weight, "focal": cfg.focal_weight, "iou": cfg.iou_weight, "object_score": cfg.object_score_weight}
+        terms["loss"] = sum(weight[k] * v for k, v in terms.items())
+        return terms

