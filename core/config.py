@@ -135,20 +135,32 @@ def _refuse_code_keys(node: Any, where: str, path: str = "") -> None:
             _refuse_code_keys(value, where, f"{path}[{i}]")
 
 
-def parse_overrides(overrides: Sequence[str]) -> DictConfig:
-    """``key.path=value`` strings (values parsed as YAML) -> a DictConfig."""
-    merged = OmegaConf.create({})
+def parse_overrides(overrides: Sequence[str]) -> list[tuple[str, Any]]:
+    """``key.path=value`` strings (values parsed as YAML) -> ``(key, value)`` pairs."""
+    parsed = []
     for item in overrides:
         key, sep, raw = item.partition("=")
-        if not sep or not key.strip():
+        key = key.strip()
+        if not sep or not key:
             raise ConfigError(f"override '{item}' must look like key.path=value")
         try:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError as err:
             raise ConfigError(f"override '{item}': value is not valid YAML") from err
-        _refuse_code_keys({key.strip().split(".")[-1]: value}, "override", key.strip().rpartition(".")[0])
-        OmegaConf.update(merged, key.strip(), value, force_add=True)
-    return merged
+        _refuse_code_keys({key.split(".")[-1]: value}, "override", key.rpartition(".")[0])
+        parsed.append((key, value))
+    return parsed
+
+
+def apply_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """Set each ``key.path=value`` on ``cfg`` (list items by index: ``tasks.0.weight=3``)."""
+    for key, value in parse_overrides(overrides):
+        try:
+            OmegaConf.update(cfg, key, value, force_add=True)
+        except (OmegaConfBaseException, IndexError, ValueError) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise ConfigError(f"override '{key}': {first}") from err
+    return cfg
 
 
 # -- validation -----------------------------------------------------------------------------
@@ -255,11 +267,13 @@ def load_config(
     files: Sequence[str | Path] = (), overrides: Sequence[str] = (), *, validate_plugins: bool = True
 ) -> DictConfig:
     """Merge ``files`` left to right, apply ``overrides``, validate, and resolve interpolations."""
-    layers = [read_yaml(f) for f in files]
-    layers.append(parse_overrides(overrides))
     merged = OmegaConf.create({})
-    for layer in layers:
-        merged = OmegaConf.merge(merged, layer)
+    for path in files:
+        try:
+            merged = OmegaConf.merge(merged, read_yaml(path))
+        except OmegaConfBaseException as err:
+            raise _schema_error(err, "") from ConfigError(f"{path}: cannot merge onto the earlier files")
+    merged = apply_overrides(merged, overrides)
     raw = OmegaConf.to_container(merged, resolve=False)
     cfg = merge_schema(RunConfig, raw)
     try:
