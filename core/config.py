@@ -81,6 +81,8 @@ class TrainerConfig:
     enable_progress_bar: bool = True
     batch_size: int = 1
     num_workers: int = 0
+    #: Score the test split with the final weights at the end of ``fit``.
+    test_after_fit: bool = True
     #: Training batches per epoch (checkpoints are written at epoch ends). None: one pass
     #: over every task's training samples.
     steps_per_epoch: int | None = None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 import sys
 import warnings
@@ -33,6 +34,10 @@ LIGHTNING_TRAINER_KEYS = (
     "check_val_every_n_epoch", "limit_train_batches", "limit_val_batches", "limit_test_batches",
     "num_sanity_val_steps", "fast_dev_run", "enable_progress_bar",
 )
+
+
+def _drop_advert(record: logging.LogRecord) -> bool:
+    return "litlogger" not in record.getMessage()
 
 
 def run_dir(cfg: DictConfig) -> Path:
@@ -60,8 +65,9 @@ def _trainer(
     from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    # A deprecation inside Lightning itself, not actionable by users.
+    # A deprecation inside Lightning itself and an advertisement: neither is actionable by users.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_drop_advert)
     t = cfg.trainer
     kwargs = {k: t[k] for k in LIGHTNING_TRAINER_KEYS if t[k] is not None}
     kwargs["max_steps"] = stage.max_steps if stage.max_steps > 0 else t.max_steps
@@ -195,6 +201,7 @@ def fit(
         raise ConfigError(f"--stage: no stage '{only_stage}'{did_you_mean(only_stage, names)}; stages: {', '.join(names)}")
     state = _read_state(folder)
     previous: Path | None = None
+    module = None
     for stage in stages:
         last = folder / "checkpoints" / stage.name / "last.ckpt"
         if only_stage is not None and stage.name != only_stage:
@@ -221,6 +228,9 @@ def fit(
             atomic_write_text(folder / "state.json", json.dumps(state, indent=2))
             _write_metrics(folder, module.last_metrics, names)
         previous = last
+    if module is not None and cfg.trainer.test_after_fit:
+        if len(_datamodule(cfg, module, stages[-1]).split("test")) > 0:
+            evaluate_module(cfg, module, split="test")
     if previous is not None and previous.is_file():
         shutil.copyfile(previous, folder / "checkpoints" / ".last.ckpt.tmp")
         (folder / "checkpoints" / ".last.ckpt.tmp").replace(folder / "checkpoints" / "last.ckpt")
