@@ -306,3 +306,26 @@ def test_decoders_build_from_the_registry_by_name():
     assert isinstance(unet, PromptUNetDecoder) and unet.prompt_dim == 8
     sam = host.build("decoders", "sam2_volume", {"image_encoder": "hiera", "image_size": 64, "prompt_dim": 8})
     assert isinstance(sam, SAM2VolumeDecoder) and sam.sam.image_size == 64
+
+
+def test_frozen_image_features_are_cached_across_calls_per_volume():
+    torch.manual_seed(0)
+    decoder = hiera(image_size=64, feature_cache_slices=64).eval()
+    calls = []
+    decoder.sam.image_encoder.register_forward_hook(lambda *_: calls.append(1))
+    volume, mask = ellipsoid((6, 32, 32), (3, 16, 16), (2, 8, 8))
+    prompts = Prompts(boxes=box_of(mask))
+    with torch.no_grad():
+        first = decoder(volume, prompts).masks
+        encoded = len(calls)
+        second = decoder(volume, prompts).masks
+        assert len(calls) == encoded  # every slice came from the cache
+        other, _ = ellipsoid((6, 32, 32), (3, 16, 16), (2, 8, 8), seed=1)
+        decoder(other, prompts)
+    spanned = int(box_of(mask)[0, 0, 3] - box_of(mask)[0, 0, 0]) + 1  # slices outside the box are skipped
+    assert encoded == spanned and len(calls) == 2 * spanned  # a new volume is encoded afresh
+    assert torch.allclose(first, second, atol=1e-2)
+    off = hiera(image_size=64).eval()
+    with torch.no_grad():
+        off(volume, prompts)
+    assert not off._feature_cache  # off: nothing kept between calls

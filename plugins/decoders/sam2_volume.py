@@ -14,6 +14,8 @@ keeps only what SAM2 can attend to (``num_maskmem`` frames, the object-pointer w
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -76,6 +78,10 @@ class SAM2VolumeConfig:
     box_bounds_depth: bool = True
     #: Intensity percentiles mapped to [0, 1] before the image encoder.
     intensity_percentiles: list[float] = field(default_factory=lambda: [0.5, 99.5])
+    #: With a frozen image encoder, keep the features of up to this many slices in memory
+    #: (bfloat16, keyed by slice content) so repeated epochs skip the encoder; 0 = off. A
+    #: TinyViT slice takes 2 MB, so 4096 slices hold about 8 GB.
+    feature_cache_slices: int = 0
 
 
 @dataclass
@@ -87,6 +93,12 @@ class _Group:
     anchor: int
     lo: int
     hi: int
+
+
+def _content_key(volume: torch.Tensor) -> str:
+    """A digest of a normalised volume, so cached slice features never serve another volume."""
+    data = volume.detach().to(torch.float16).cpu().contiguous()
+    return f"{tuple(data.shape)}:{hashlib.blake2b(data.view(torch.uint8).numpy().tobytes(), digest_size=16).hexdigest()}"
 
 
 class SAM2VolumeDecoder(MaskDecoder):
@@ -114,6 +126,9 @@ class SAM2VolumeDecoder(MaskDecoder):
         if cfg.checkpoint:
             self.load_report = self.load_checkpoint(cfg.checkpoint)
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._feature_cache: OrderedDict[tuple[str, int], tuple[list[torch.Tensor], torch.Tensor | None]] = OrderedDict()
+        self._volume_keys: list[str] = []
+        self._slices_in_call = 0
         #: memory runs at SAM2's stride 16; pool the decoder's embedding down to it when finer
         self._memory_pool = max(1, self.sam.sam_image_embedding_size // (self.sam.image_size // 16))
         for part in cfg.frozen:
@@ -221,10 +236,16 @@ class SAM2VolumeDecoder(MaskDecoder):
             img = (img - mean) / std
         return img
 
-    def _encode_slice(self, img: torch.Tensor, g: int) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
-        """Image features of one slice as SAM2's flattened ``(HW, g, C)`` levels, repeated for g objects."""
+    def _image_features(self, norm: torch.Tensor, b: int, d: int) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+        """The image encoder's output for one slice; cached when the encoder is frozen."""
         sam = self.sam
         frozen = "image_encoder" in self.cfg.frozen
+        key = (self._volume_keys[b], d) if frozen and self._volume_keys else None
+        if key is not None and key in self._feature_cache:
+            self._feature_cache.move_to_end(key)
+            fpn, pos = self._feature_cache[key]
+            return [x.to(norm.device, torch.float32) for x in fpn], None if pos is None else pos.to(norm.device, torch.float32)
+        img = self._slice_image(norm, b, d)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             if self.cfg.image_encoder == "hiera":
                 out = sam.image_encoder(img)
@@ -233,6 +254,26 @@ class SAM2VolumeDecoder(MaskDecoder):
             else:
                 fpn = [sam.image_encoder(img)]
                 top_pos = None
+        if key is not None:
+            self._feature_cache[key] = (
+                [x.detach().to(torch.bfloat16) for x in fpn],
+                None if top_pos is None else top_pos.detach().to(torch.bfloat16),
+            )
+            while len(self._feature_cache) > self._cache_limit:
+                self._feature_cache.popitem(last=False)
+        return fpn, top_pos
+
+    @property
+    def _cache_limit(self) -> int:
+        # Without a cross-call cache, features still serve every object group of one forward.
+        return max(int(self.cfg.feature_cache_slices), self._slices_in_call)
+
+    def _encode_slice(
+        self, norm: torch.Tensor, b: int, d: int, g: int
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor], list[tuple[int, int]]]:
+        """Image features of one slice as SAM2's flattened ``(HW, g, C)`` levels, repeated for g objects."""
+        sam = self.sam
+        fpn, top_pos = self._image_features(norm, b, d)
         top = fpn[-1]
         if self.cfg.image_encoder == "tinyvit":
             key = tuple(top.shape[-2:])
@@ -349,7 +390,7 @@ class SAM2VolumeDecoder(MaskDecoder):
         """
         sam = self.sam
         depth, hw = norm.shape[2], tuple(norm.shape[-2:])
-        feats, pos, sizes = self._encode_slice(self._slice_image(norm, b, d), len(group.objects))
+        feats, pos, sizes = self._encode_slice(norm, b, d, len(group.objects))
         point_inputs = self._point_inputs(prompts, b, group.objects, d, hw) if is_cond else None
         g, c = feats[-1].shape[1], sam.hidden_dim
         top = feats[-1].permute(1, 2, 0).reshape(g, c, *sizes[-1])
@@ -437,6 +478,8 @@ class SAM2VolumeDecoder(MaskDecoder):
         bsz, _, depth, h, w = volume.shape
         k_obj = prompts.num_objects
         norm = self._normalise(volume[:, :1])
+        self._volume_keys = [_content_key(norm[b]) for b in range(bsz)] if "image_encoder" in self.cfg.frozen else []
+        self._slices_in_call = bsz * depth
         masks = volume.new_empty(bsz, k_obj, depth, h, w, dtype=torch.float32)
         ious = volume.new_zeros(bsz, k_obj, depth, dtype=torch.float32)
         scores = volume.new_zeros(bsz, k_obj, depth, dtype=torch.float32)
@@ -446,4 +489,6 @@ class SAM2VolumeDecoder(MaskDecoder):
                 masks[b, group.objects], ious[b, group.objects], scores[b, group.objects] = self._decode_group(
                     norm, b, group, prompts
                 )
+        if not self.cfg.feature_cache_slices:
+            self._feature_cache.clear()
         return DecoderOutput(masks=masks, iou_pred=ious, object_score=scores)
