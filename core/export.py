@@ -68,7 +68,7 @@ def _peft_model(module: Any) -> Any | None:
 
 
 def _digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha1(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()).hexdigest()
+    return hashlib.sha1(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def export(ckpt: str | Path, out: str | Path) -> Path:

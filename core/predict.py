@@ -8,6 +8,7 @@ re-orientation undone) with ``answer.json`` beside them. Over several volumes a 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,23 +61,77 @@ def _case_name(path: Path) -> str:
     return path.stem
 
 
+def prompts_to_model(
+    record: Any, points: list[tuple[int, int, int, int]] | None, box: tuple[int, ...] | None
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """File-index points ``(i, j, k, label)`` and an inclusive box -> model-grid ``(N, 4)`` and ``(6,)``.
+
+    Shared by ``predict`` and the web app so a click means the same voxel in both.
+    """
+    from medvlsam2.plugins.tasks.data.transforms import box_to_model, points_to_model
+
+    model_points = model_box = None
+    if points:
+        check_inside(record.original_shape, points=points)
+        grid = points_to_model(np.asarray([p[:3] for p in points]), record)
+        model_points = np.concatenate([grid, np.asarray([[p[3]] for p in points])], axis=1)
+    if box:
+        check_inside(record.original_shape, box=box)
+        model_box = box_to_model(np.asarray(box), record)
+    return model_points, model_box
+
+
+def label_map_of(masks: Any, record: Any, threshold: float = 0.5) -> np.ndarray:
+    """Model-grid probabilities ``(K, D, H, W)`` -> one uint8 label map on the file's grid.
+
+    Object ``k`` gets label ``k + 1``; later objects win where objects overlap.
+    """
+    import torch
+
+    from medvlsam2.plugins.tasks.data.transforms import restore
+
+    binary = (torch.as_tensor(masks) >= threshold).to(torch.uint8).cpu().numpy()
+    on_file = restore(binary, record)  # (K, X, Y, Z)
+    label_map = np.zeros(on_file.shape[1:], dtype=np.uint8)
+    for k in range(on_file.shape[0]):
+        label_map[on_file[k] > 0] = k + 1
+    return label_map
+
+
+def describe_objects(label_map: np.ndarray, affine: np.ndarray, names: list[str], scores: list[float], count: int) -> list[dict[str, Any]]:
+    """Label, name, score, voxel count and volume (ml) of each of ``count`` objects."""
+    voxel_ml = abs(float(np.linalg.det(np.asarray(affine)[:3, :3]))) / 1000.0
+    objects = []
+    for k in range(count):
+        voxels = int((label_map == k + 1).sum())
+        objects.append({
+            "label": k + 1,
+            "name": names[k] if k < len(names) else f"object {k + 1}",
+            "score": float(scores[k]) if k < len(scores) and scores[k] is not None else None,
+            "voxels": voxels,
+            "volume_ml": round(voxels * voxel_ml, 3),
+        })
+    return objects
+
+
 def predict_one(module: Any, task: Any, preprocess_cfg: Any, volume_path: Path, request: Request, out: Path) -> dict[str, Any]:
     import nibabel as nib
     import torch
 
-    from medvlsam2.plugins.tasks.data.transforms import box_to_model, points_to_model, preprocess, restore
+    from medvlsam2.plugins.tasks.data.transforms import LARGE_INPUT_FACTOR, preprocess
 
     volume, record = preprocess(volume_path, preprocess_cfg)
-    points = box = None
-    if request.points:
-        parsed = parse_points(request.points)
-        check_inside(record.original_shape, points=parsed)
-        model_pts = points_to_model(np.asarray([p[:3] for p in parsed]), record)
-        points = np.concatenate([model_pts, np.asarray([[p[3]] for p in parsed])], axis=1)
-    if request.box:
-        parsed_box = parse_box(request.box)
-        check_inside(record.original_shape, box=parsed_box)
-        box = box_to_model(np.asarray(parsed_box), record)
+    if math.prod(record.original_shape) > LARGE_INPUT_FACTOR * math.prod(record.model_shape):
+        print(
+            f"medvlsam2: note: {volume_path}: volume {record.original_shape} resized to the model input "
+            f"{record.model_shape}; the mask is written on the original grid",
+            file=sys.stderr,
+        )
+    points, box = prompts_to_model(
+        record,
+        parse_points(request.points) if request.points else None,
+        parse_box(request.box) if request.box else None,
+    )
     infer = getattr(task, "infer", None)
     if infer is None:
         raise InputError(f"--task: task '{request.task}' cannot predict single volumes")
@@ -89,27 +144,13 @@ def predict_one(module: Any, task: Any, preprocess_cfg: Any, volume_path: Path, 
             answer[key] = result[key]
     masks = result.get("masks")
     if masks is not None:
-        binary = (torch.as_tensor(masks) >= request.threshold).to(torch.uint8).cpu().numpy()
-        on_file = restore(binary, record)  # (K, X, Y, Z)
-        label_map = np.zeros(on_file.shape[1:], dtype=np.uint8)
-        for k in range(on_file.shape[0]):  # later objects win where objects overlap
-            label_map[on_file[k] > 0] = k + 1
+        label_map = label_map_of(masks, record, request.threshold)
         mask_path = out / "mask.nii.gz"
         nib.save(nib.Nifti1Image(label_map, record.original_affine), str(mask_path))
-        voxel_ml = abs(float(np.linalg.det(record.original_affine[:3, :3]))) / 1000.0
-        names = list(result.get("names") or [])
-        scores = list(result.get("scores") or [])
         answer["mask"] = str(mask_path)
-        answer["objects"] = [
-            {
-                "label": k + 1,
-                "name": names[k] if k < len(names) else f"object {k + 1}",
-                "score": float(scores[k]) if k < len(scores) else None,
-                "voxels": int((label_map == k + 1).sum()),
-                "volume_ml": round(int((label_map == k + 1).sum()) * voxel_ml, 3),
-            }
-            for k in range(on_file.shape[0])
-        ]
+        answer["objects"] = describe_objects(
+            label_map, record.original_affine, list(result.get("names") or []), list(result.get("scores") or []), len(masks)
+        )
         if request.overlay:
             answer["overlays"] = write_overlays(volume_path, label_map, out)
     atomic_write_text(out / "answer.json", json.dumps(answer, indent=2))
@@ -145,13 +186,23 @@ def write_overlays(volume_path: Path, label_map: np.ndarray, out: Path) -> list[
     return files
 
 
+def preprocess_config_of(key: str, task: Any, metadata: dict[str, Any]) -> Any:
+    """The preprocessing a task was exported with (its data need not be reachable), else its own."""
+    from medvlsam2.plugins.tasks.data.transforms import PreprocessConfig, get_preset
+
+    saved = (metadata.get("tasks") or {}).get(key, {}).get("preprocess")
+    if saved:
+        return get_preset(PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}))
+    return task.preprocess_config()
+
+
 def predict(model: str | Path, source: str | Path, request: Request, out: str | Path) -> int:
     """Run every volume of ``source``; returns the number of failed cases."""
     import torch
 
     from medvlsam2.core.engine import task_keys
     from medvlsam2.core.export import load_module, model_config
-    from medvlsam2.plugins.tasks.data.transforms import PreprocessConfig, get_preset
+    from medvlsam2.plugins.tasks.data.transforms import check_volume
 
     request.text = check_text(request.text)
     if request.points:
@@ -159,13 +210,16 @@ def predict(model: str | Path, source: str | Path, request: Request, out: str | 
     if request.box:
         parse_box(request.box)
     volumes = volumes_of(source)
+    if len(volumes) == 1:  # a bad file or prompt fails before the model loads
+        shape = check_volume(volumes[0])
+        points = parse_points(request.points) if request.points else ()
+        check_inside(shape, points=points, box=parse_box(request.box) if request.box else None)
     names = task_keys(model_config(model).tasks)
     if request.task not in names:
         raise InputError(f"--task: the model has no task '{request.task}'{did_you_mean(request.task, names)}; tasks: {', '.join(names)}")
     module, cfg, metadata = load_module(model)
     task = module.tasks[request.task]
-    saved = (metadata.get("tasks") or {}).get(request.task, {}).get("preprocess")
-    preprocess_cfg = get_preset(PreprocessConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()})) if saved else task.preprocess_config()
+    preprocess_cfg = preprocess_config_of(request.task, task, metadata)
     out = Path(out)
     failed = 0
     for path in volumes:
@@ -174,10 +228,13 @@ def predict(model: str | Path, source: str | Path, request: Request, out: str | 
             answer = predict_one(module, task, preprocess_cfg, path, request, target)
             print(f"{path}: {answer.get('mask') or answer.get('text')}")
         except (MedVLError, MemoryError, torch.OutOfMemoryError) as err:
+            oom = isinstance(err, (MemoryError, torch.OutOfMemoryError))
+            message = "out of memory (try a smaller preprocess.spatial_size)" if oom else str(err)
             if len(volumes) == 1:
+                if oom:
+                    raise InputError(f"{path}: {message}") from err
                 raise
             failed += 1
-            message = "out of memory" if isinstance(err, (MemoryError, torch.OutOfMemoryError)) else str(err)
             print(f"medvlsam2: case {path} failed: {message}", file=sys.stderr)
     if len(volumes) > 1:
         print(f"{len(volumes) - failed} of {len(volumes)} volumes done; results in {out}")

@@ -474,7 +474,11 @@ def _map_box(
     mapped = mapper(_box_corners(arr))
     lo = np.ceil(mapped.min(axis=0) + 0.5 - 1e-6).astype(int)
     hi = np.floor(mapped.max(axis=0) - 0.5 + 1e-6).astype(int)
-    hi = np.maximum(hi, lo)
+    # A box thinner than one target voxel along an axis (one slice of a finer file) covers no
+    # target voxel centre there: take the voxel nearest its centre, not the one above it.
+    thin = hi < lo
+    centre = np.rint(mapped.mean(axis=0)).astype(int)
+    lo, hi = np.where(thin, centre, lo), np.where(thin, centre, hi)
     return np.concatenate([_clip(lo, shape_out), _clip(hi, shape_out)])
 
 
