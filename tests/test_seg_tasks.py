@@ -416,3 +416,18 @@ def test_config_and_input_errors_name_the_problem(data_dirs, tmp_path):
 
     with pytest.raises(ConfigError, match="model.llm: SemanticSegTask needs the LLM"):
         MedVLModule(load_config([tmp_path / "bad.yaml"]))
+
+
+def test_classes_option_restricts_what_a_task_prompts_and_scores(module):
+    task = module.tasks["interactive_seg"]
+    samples = list(task.samples("test"))
+    everything = task.collate(samples)["present"]
+    task.cfg.classes = ["brain stem"]
+    try:
+        only = task.collate(samples)["present"]
+    finally:
+        task.cfg.classes = []
+    names = [task.object_names(s) for s in samples]
+    assert any(len(p) > 1 for p in everything)
+    assert all(names[i][v] == "brain stem" for i, p in enumerate(only) for v in p)
+    assert any(only)

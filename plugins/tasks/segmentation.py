@@ -57,6 +57,8 @@ class SegTaskConfig(TaskConfig):
     nsd_tolerance_mm: float = 1.0
     #: Also report the 95th-percentile Hausdorff distance (mm).
     hd95: bool = False
+    #: Label names this task trains and scores on; empty = every named label.
+    classes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -354,8 +356,11 @@ class _SegmentationTask(MedVLTask):
         labels = [self.model_label(s, r) for s, r in zip(samples, records)]
         names = [self.object_names(s) for s in samples]
         present = []
+        wanted = set(getattr(self.cfg, "classes", None) or [])
         for label, named in zip(labels, names):
             values = set(np.unique(label).tolist()) - {0}
+            if wanted:
+                values = {v for v in values if named.get(v) in wanted}
             present.append([v for v in sorted(values) if v in named] if named else sorted(values))
         return {
             "volume": volume,
