@@ -90,6 +90,20 @@ class DecoderOutput:
     object_score: torch.Tensor | None = None  # (B, K, D): object-present logit per slice
 
 
+def normalise_intensity(volume: torch.Tensor, percentiles: tuple[float, float] | list[float]) -> torch.Tensor:
+    """Per-volume robust scaling of ``(B, ...)`` to [0, 1] between two intensity percentiles.
+
+    Decoders see any modality (CT in HU, MRI in arbitrary units) the same way; the quantiles are
+    taken on at most about a million voxels per volume.
+    """
+    flat = volume.detach().flatten(1).float()
+    step = max(1, flat.shape[1] // 1_000_000)
+    q = torch.tensor([p / 100 for p in percentiles], dtype=flat.dtype, device=flat.device)
+    lo, hi = torch.quantile(flat[:, ::step], q, dim=1)
+    shape = (-1,) + (1,) * (volume.ndim - 1)
+    return ((volume.float() - lo.view(shape)) / (hi - lo).clamp_min(1e-6).view(shape)).clamp(0, 1)
+
+
 class MaskDecoder(nn.Module):
     """Base class of decoder plugins.
 

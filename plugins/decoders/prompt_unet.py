@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medvlsam2.core.decoder import DecoderOutput, MaskDecoder, Prompts
+from medvlsam2.core.decoder import DecoderOutput, MaskDecoder, Prompts, normalise_intensity
 from medvlsam2.core.encoder import EncoderOutput
 from medvlsam2.core.errors import ConfigError, InputError
 
@@ -69,14 +69,6 @@ class PromptUNetDecoder(MaskDecoder):
         self.out = UnetOutBlock(3, ch[0], 1)
         self._multiple = 2 ** (len(ch) - 1)
 
-    def _normalise(self, volume: torch.Tensor) -> torch.Tensor:
-        flat = volume.detach().flatten(1).float()
-        step = max(1, flat.shape[1] // 1_000_000)
-        q = torch.tensor([p / 100 for p in self.cfg.intensity_percentiles], dtype=flat.dtype, device=flat.device)
-        lo, hi = torch.quantile(flat[:, ::step], q, dim=1)
-        shape = (-1,) + (1,) * (volume.ndim - 1)
-        return ((volume.float() - lo.view(shape)) / (hi - lo).clamp_min(1e-6).view(shape)).clamp(0, 1)
-
     def prompt_maps(self, prompts: Prompts, shape: tuple[int, int, int]) -> torch.Tensor:
         """``(B, K, 3, D, H, W)``: positive points, negative points, filled box."""
         b, k = prompts.batch_size, prompts.num_objects
@@ -122,7 +114,7 @@ class PromptUNetDecoder(MaskDecoder):
         bsz, _, depth, h, w = volume.shape
         k = prompts.num_objects
         shape = (depth, h, w)
-        image = self._normalise(volume[:, :1])[:, None].expand(-1, k, -1, -1, -1, -1)
+        image = normalise_intensity(volume[:, :1], self.cfg.intensity_percentiles)[:, None].expand(-1, k, -1, -1, -1, -1)
         x = torch.cat([image, self.prompt_maps(prompts, shape)], dim=2).flatten(0, 1)
         pad = [(-n) % self._multiple for n in shape]
         x = F.pad(x, (0, pad[2], 0, pad[1], 0, pad[0]))

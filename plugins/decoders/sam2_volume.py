@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medvlsam2.core.decoder import DecoderOutput, MaskDecoder, Prompts
+from medvlsam2.core.decoder import DecoderOutput, MaskDecoder, Prompts, normalise_intensity
 from medvlsam2.core.encoder import EncoderOutput, LoadReport
 from medvlsam2.core.errors import ConfigError
 
@@ -216,16 +216,6 @@ class SAM2VolumeDecoder(MaskDecoder):
         return load_sam2_checkpoint(self.sam, path)
 
     # -- per-slice pieces -------------------------------------------------------------------
-    def _normalise(self, volume: torch.Tensor) -> torch.Tensor:
-        """Per-volume robust intensity scaling to [0, 1], so empty slices stay dark."""
-        flat = volume.detach().flatten(1).float()
-        step = max(1, flat.shape[1] // 1_000_000)
-        q = torch.tensor([p / 100 for p in self.cfg.intensity_percentiles], dtype=flat.dtype, device=flat.device)
-        lo, hi = torch.quantile(flat[:, ::step], q, dim=1)
-        scale = (hi - lo).clamp_min(1e-6)
-        shape = (-1,) + (1,) * (volume.ndim - 1)
-        return ((volume.float() - lo.view(shape)) / scale.view(shape)).clamp(0, 1)
-
     def _slice_image(self, norm: torch.Tensor, b: int, d: int) -> torch.Tensor:
         size = self.sam.image_size
         img = F.interpolate(norm[b : b + 1, :, d], size=(size, size), mode="bilinear", align_corners=False)
@@ -477,7 +467,7 @@ class SAM2VolumeDecoder(MaskDecoder):
         self.check_prompts(volume, prompts)
         bsz, _, depth, h, w = volume.shape
         k_obj = prompts.num_objects
-        norm = self._normalise(volume[:, :1])
+        norm = normalise_intensity(volume[:, :1], self.cfg.intensity_percentiles)
         self._volume_keys = [_content_key(norm[b]) for b in range(bsz)] if "image_encoder" in self.cfg.frozen else []
         self._slices_in_call = bsz * depth
         masks = volume.new_empty(bsz, k_obj, depth, h, w, dtype=torch.float32)
