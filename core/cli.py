@@ -12,10 +12,12 @@ import sys
 from collections.abc import Callable, Sequence
 
 from medvlsam2 import __version__
-from medvlsam2.core.errors import MedVLError
+from medvlsam2.core.errors import MedVLError, RunInterrupted, one_line
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
+#: 128 + the signal number, as a shell reports a process stopped by that signal.
+EXIT_SIGNAL = {"SIGINT": 130, "SIGTERM": 143}
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -120,6 +122,13 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from medvlsam2.core.serve import serve
+
+    serve(args.model, host=args.host, port=args.port, demo_data=args.demo_data)
+    return 0
+
+
 def _cmd_build_demo(args: argparse.Namespace) -> int:
     from medvlsam2.plugins.tasks.data.demo import build_demo_data
 
@@ -127,6 +136,26 @@ def _cmd_build_demo(args: argparse.Namespace) -> int:
         args.out, num_cases=args.cases, num_ct_cases=args.ct_cases, seed=args.seed, force=args.force
     )
     print(f"demo data: {manifest}")
+    return 0
+
+
+def _cmd_benchmark(args: argparse.Namespace) -> int:
+    import shlex
+
+    from medvlsam2.core.benchmark import run_benchmark
+
+    command = " ".join(["medvlsam2 benchmark --config", shlex.quote(args.config), *map(shlex.quote, args.overrides)])
+    folder = run_benchmark(args.config, args.overrides, command=command, report_only=args.report_only)
+    print(f"benchmark folder: {folder}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from medvlsam2.core.demo import run_demo
+
+    results = run_demo(args.out, quick=args.quick, configs=args.config, overrides=args.overrides)
+    print(f"results: {results}")
+    print(f"samples: {results.parent / 'samples.md'}; pictures: {results.parent / 'pictures'}; model: {results.parent / 'model'}")
     return 0
 
 
@@ -175,6 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ckpt", help="weights: a .ckpt file (default: the model as built)")
         p.set_defaults(func=_cmd_evaluate)
 
+    p = sub.add_parser("demo", help="the embedded default: build data, train every task, evaluate, export")
+    p.add_argument("--out", default="runs/demo", help="output folder (default runs/demo)")
+    p.add_argument("--quick", action="store_true", help="a short smoke version on a few cases and steps")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_demo)
+
     p = sub.add_parser("data", help="data utilities")
     data_sub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND", required=True)
     q = data_sub.add_parser("build-demo", help="write the demo dataset (real MNI152 anatomy + CT phantoms)")
@@ -184,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--force", action="store_true", help="rebuild even when the folder holds the same build")
     q.set_defaults(func=_cmd_build_demo)
+
+    p = sub.add_parser("benchmark", help="train and score a grid of models and peers; CSV, Markdown and plots")
+    p.add_argument("--config", required=True, metavar="FILE", help="benchmark YAML, e.g. configs/benchmark/encoders.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key.path=value", help="overrides of the benchmark config")
+    p.add_argument("--report-only", action="store_true", help="rebuild the report from finished jobs; run nothing")
+    p.set_defaults(func=_cmd_benchmark)
 
     p = sub.add_parser("export", help="adapter + trainables.safetensors + config + model card from a checkpoint")
     p.add_argument("--ckpt", required=True, help="RUN/checkpoints/last.ckpt")
@@ -200,6 +241,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlay", action="store_true", help="also write PNGs of key slices with the mask outline")
     p.add_argument("--out", required=True, help="output folder (mask.nii.gz, answer.json)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("serve", help="the web app and HTTP API: load a volume, click, box, ask, download the mask")
+    p.add_argument("--model", required=True, help="an export folder or a .ckpt")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--demo-data", help="a demo data folder (with demo.json) to offer its cases; default: the model's own")
+    p.set_defaults(func=_cmd_serve)
     return parser
 
 
@@ -222,8 +270,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MedVLError as err:
         if args.debug:
             raise
-        print(f"medvlsam2: error: {err}", file=sys.stderr)
+        print(f"medvlsam2: error: {one_line(err)}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except RunInterrupted as stop:
+        print(f"medvlsam2: {stop}", file=sys.stderr)
+        return EXIT_SIGNAL.get(stop.signal_name, 130)
     except KeyboardInterrupt:
         print("medvlsam2: interrupted", file=sys.stderr)
         return 130
@@ -231,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(
-            f"medvlsam2: internal error: {type(err).__name__}: {err} (run with --debug for the traceback)",
+            f"medvlsam2: internal error: {type(err).__name__}: {one_line(err)} (run with --debug for the traceback)",
             file=sys.stderr,
         )
         return EXIT_INTERNAL_ERROR

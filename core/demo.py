@@ -12,6 +12,7 @@ import json
 import platform
 import resource
 import time
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,13 @@ def packaged_config(name: str) -> Path:
     return Path(str(resources.files("medvlsam2").joinpath("configs", name)))
 
 
-def run_demo(out: str | Path, *, quick: bool = False) -> Path:
-    """The whole demo into ``out``; returns the path of results.md."""
+def run_demo(
+    out: str | Path, *, quick: bool = False, configs: Sequence[str | Path] = (), overrides: Sequence[str] = ()
+) -> Path:
+    """The whole demo into ``out``; returns the path of results.md.
+
+    ``configs`` / ``overrides`` are merged over the packaged demo config (e.g. another LLM).
+    """
     from medvlsam2.core.config import load_config
     from medvlsam2.core.export import export
     from medvlsam2.core.run import fit
@@ -44,8 +50,8 @@ def run_demo(out: str | Path, *, quick: bool = False) -> Path:
 
     start = time.time()
     out = Path(out).resolve()
-    files = [packaged_config("demo.yaml")] + ([packaged_config("demo_quick.yaml")] if quick else [])
-    cfg = load_config(files, [f"output_dir={out}", "run_name=run", f"vars.demo_data={out / 'data'}"])
+    files = [packaged_config("demo.yaml")] + ([packaged_config("demo_quick.yaml")] if quick else []) + list(configs)
+    cfg = load_config(files, [f"output_dir={out}", "run_name=run", f"vars.demo_data={out / 'data'}", *overrides])
     keep: dict[str, Any] = {}
     folder = fit(cfg, keep=keep)
     train_seconds = time.time() - start

@@ -92,10 +92,15 @@ def _trainer(
         )
     if t.enable_progress_bar and sys.stderr.isatty():
         callbacks.append(RichProgressBar())
-    loggers = [
-        CSVLogger(folder / "logs", name=stage.name, version=""),
-        TensorBoardLogger(folder / "logs", name="tensorboard", version=stage.name),
-    ]
+    # Evaluation results go to metrics.json; only training writes CSV / TensorBoard logs.
+    loggers: Any = (
+        [
+            CSVLogger(folder / "logs", name=stage.name, version=""),
+            TensorBoardLogger(folder / "logs", name="tensorboard", version=stage.name),
+        ]
+        if training
+        else False
+    )
     return L.Trainer(
         **kwargs,
         default_root_dir=folder,
