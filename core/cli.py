@@ -201,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("validate", "score every task on the validation split"), ("test", "score every task on the test split")):
         p = sub.add_parser(name, help=text)
         _add_config_args(p)
-        p.add_argument("--ckpt", help="weights: a .ckpt file (default: the model as built)")
+        p.add_argument("--ckpt", help="weights: a .ckpt file or an export folder (default: the model as built)")
         p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("demo", help="the embedded default: build data, train every task, evaluate, export")

@@ -174,7 +174,7 @@ def load_module(model: str | Path) -> tuple[Any, DictConfig, dict[str, Any]]:
     if path.is_dir():
         module = _build_module(cfg)
         metadata = json.loads((path / "metadata.json").read_text()) if (path / "metadata.json").is_file() else {}
-        _load_export_weights(module, path, metadata)
+        load_export_weights(module, path, metadata)
     else:
         module = _build_module(cfg)
         load_weights(module, path)
@@ -183,9 +183,13 @@ def load_module(model: str | Path) -> tuple[Any, DictConfig, dict[str, Any]]:
     return module, cfg, metadata
 
 
-def _load_export_weights(module: Any, folder: Path, metadata: dict[str, Any]) -> None:
+def load_export_weights(module: Any, folder: Path, metadata: dict[str, Any] | None = None) -> None:
+    """Load an export folder's adapter and trainables into a module built from its config."""
     from safetensors.torch import load_file
 
+    if metadata is None:
+        meta_file = folder / "metadata.json"
+        metadata = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     file = folder / TRAINABLES
     if not file.is_file():
         raise InputError(f"--model: {file} is missing")

@@ -250,7 +250,8 @@ def fit(
             state["completed"].append(stage.name)
             atomic_write_text(folder / "state.json", json.dumps(state, indent=2))
             _write_metrics(folder, module.last_metrics, names)
-        previous = last
+        if last.is_file():  # fast_dev_run writes no checkpoint; the next stage then starts fresh
+            previous = last
     if keep is not None:
         keep["module"] = module
     if module is not None and cfg.trainer.test_after_fit:
@@ -265,12 +266,20 @@ def fit(
 
 
 def evaluate(cfg: DictConfig, ckpt: str | Path | None, *, split: str = "test") -> dict[str, float]:
-    """Score every task on ``split`` ("validation" or "test") with weights from ``ckpt``."""
+    """Score every task on ``split`` ("validation" or "test") with weights from ``ckpt``
+    (a ``.ckpt`` file or an export folder)."""
+    import lightning as L
+
     from medvlsam2.core.engine import MedVLModule
 
     prepare_demo_data(cfg)
+    L.seed_everything(int(cfg.seed), verbose=False)  # random-init frozen parts as in training
     module = MedVLModule(cfg, StageConfig(name=split, tasks=[]))
-    if ckpt is not None:
+    if ckpt is not None and Path(ckpt).is_dir():
+        from medvlsam2.core.export import load_export_weights
+
+        load_export_weights(module, Path(ckpt))
+    elif ckpt is not None:
         load_weights(module, Path(ckpt))
     metrics, _ = evaluate_module(cfg, module, split=split)
     return metrics

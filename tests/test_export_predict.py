@@ -128,3 +128,13 @@ def test_predict_over_a_folder_keeps_going_after_a_bad_case(trained, tmp_path):
     assert "b.nii.gz failed" in result.stderr
     assert (tmp_path / "many" / "a" / "answer.json").is_file() and (tmp_path / "many" / "c" / "answer.json").is_file()
     assert "2 of 3 volumes done" in result.stdout
+
+
+def test_test_command_scores_an_export_folder_like_its_checkpoint(trained):
+    from medvlsam2.core.run import evaluate
+
+    cfg, folder, out, _ = trained
+    from_export = evaluate(cfg, out, split="test")
+    from_ckpt = evaluate(cfg, folder / "checkpoints" / "last.ckpt", split="test")
+    assert from_export["test/vqa/num_cases"] == from_ckpt["test/vqa/num_cases"] > 0
+    assert from_export == from_ckpt
