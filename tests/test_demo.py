@@ -36,3 +36,13 @@ def test_demo_writes_results_samples_pictures_and_a_model(tmp_path):
         assert (out / "pictures" / name).stat().st_size > 1000, name
     assert (out / "model" / "trainables.safetensors").is_file()
     assert (out / "data" / "demo.json").is_file()
+
+
+def test_quick_demo_runs_end_to_end_with_the_real_models(tmp_path):
+    """`medvlsam2 demo --quick` as a user runs it: SmolLM2 + LoRA, LiteMedSAM's TinyViT in SAM2."""
+    results = run_demo(tmp_path / "quick", quick=True)
+    data = json.loads((results.parent / "results.json").read_text())
+    assert data["quick"] is True and len(data["targets"]) == len(QUALITY_TARGETS)
+    # LiteMedSAM's pretrained heads segment a large structure from a box before any real training.
+    assert data["metrics"]["test/interactive_seg/dice_box"] > 0.3
+    assert (results.parent / "model" / "adapter_model.safetensors").is_file()
