@@ -127,6 +127,51 @@ def test_litemedsam_untrained_box_segments_a_bright_ellipsoid():
     assert (out.masks[0, 0, 0] == NO_OBJ_SCORE).all() and (out.masks[0, 0, 15] == NO_OBJ_SCORE).all()
 
 
+
+def test_pooled_tinyvit_embedding_runs_the_heads_on_a_coarser_grid_and_still_segments():
+    """embedding_pool=2: heads on 32x32 (masks at 128 px); the untrained box prompt still works."""
+    decoder = SAM2VolumeDecoder(SAM2VolumeConfig(embedding_pool=2)).eval()
+    assert decoder.sam.sam_image_embedding_size == 32
+    assert decoder.sam.sam_prompt_encoder.image_embedding_size == (32, 32)
+    volume, mask = ellipsoid((6, 64, 64), (2.5, 31.5, 31.5), (3.0, 12.0, 16.0))
+    with torch.no_grad():
+        out = decoder(volume, Prompts(boxes=box_of(mask)))
+    assert out.masks.shape == (1, 1, 6, 64, 64)
+    assert dice(out.masks, mask) > 0.8
+    for bad in ({"embedding_pool": 3}, {"embedding_pool": 2, "image_encoder": "hiera", "image_size": 64}):
+        with pytest.raises(ConfigError, match="embedding_pool"):
+            SAM2VolumeDecoder(SAM2VolumeConfig(**bad))
+
+
+def test_training_scores_the_mask_heads_own_logits_when_the_object_score_says_absent():
+    """SAM2 blanks masks of "absent" objects, which carries no gradient; training must not."""
+    torch.manual_seed(0)
+    decoder = hiera()
+    head = decoder.sam.sam_mask_decoder.pred_obj_score_head
+    last = head.layers[-1] if hasattr(head, "layers") else head
+    with torch.no_grad():
+        last.bias.fill_(-50.0)  # every slice "absent"
+    volume, mask = ellipsoid((4, 32, 32), (1.5, 15.5, 15.5), (1.5, 8.0, 8.0))
+    text = torch.randn(1, 1, 32, requires_grad=True)
+    out = decoder.train()(volume, Prompts(text_embeds=text))
+    assert (out.masks > NO_OBJ_SCORE).all() and (out.object_score < 0).all()
+    SegmentationLoss()(out, mask[:, :1].expand_as(out.masks))["loss"].backward()
+    assert decoder.sam.sam_mask_decoder.output_upscaling[0].weight.grad.abs().sum() > 0
+    with torch.no_grad():
+        ungated = decoder.eval()(volume, Prompts(text_embeds=text.detach()))  # the default
+        decoder.cfg.gate_masks_by_object_score = True  # SAM2's video predictor
+        gated = decoder(volume, Prompts(text_embeds=text.detach()))
+    assert (ungated.masks > NO_OBJ_SCORE).all() and (gated.masks == NO_OBJ_SCORE).all()
+
+
+def test_memory_dropout_reaches_every_memory_attention_layer():
+    decoder = hiera(memory_dropout=0.0, memory_attention_layers=1)
+    rates = [m.p for m in decoder.sam.memory_attention.modules() if isinstance(m, torch.nn.Dropout)]
+    rates += [m.dropout_p for m in decoder.sam.memory_attention.modules() if hasattr(m, "dropout_p")]
+    assert rates and all(r == 0.0 for r in rates)
+    with pytest.raises(ConfigError, match="memory_dropout"):
+        hiera(memory_dropout=1.5)
+
 # -- SAM2 volumetric decoder: prompts, shapes, propagation ---------------------------------------
 @pytest.mark.parametrize("kind", ["text", "points", "box", "text+box", "pos+neg points"])
 def test_each_prompt_type_gives_masks_of_the_right_shape(hiera_decoder, kind):

@@ -82,6 +82,18 @@ class SAM2VolumeConfig:
     #: (bfloat16, keyed by slice content) so repeated epochs skip the encoder; 0 = off. A
     #: TinyViT slice takes 2 MB, so 4096 slices hold about 8 GB.
     feature_cache_slices: int = 0
+    #: TinyViT only: average-pool its 64x64 slice embedding by this factor before memory and the
+    #: SAM heads. 2 runs the heads on 32x32 (masks at 128 px, about 4x cheaper), plenty for
+    #: slices of 64-128 px; 1 keeps LiteMedSAM's own grid.
+    embedding_pool: int = 1
+    #: At inference, blank the mask of a slice whose object-score logit is not positive, as
+    #: SAM2's video predictor does. Training always scores the mask head's own logits (gated
+    #: logits carry no gradient, so a head that learns "absent" could never recover) and trains
+    #: the object score separately; memory always uses SAM2's gated masks.
+    gate_masks_by_object_score: bool = False
+    #: Dropout inside memory attention (None: the SAM2 config's 0.1). 0 drops SAM2's
+    #: training-time regularisation, useful for short runs where it mostly costs time.
+    memory_dropout: float | None = None
 
 
 @dataclass
@@ -146,6 +158,15 @@ class SAM2VolumeDecoder(MaskDecoder):
         ]
         if cfg.memory_attention_layers is not None:
             overrides.append(f"++model.memory_attention.num_layers={int(cfg.memory_attention_layers)}")
+        if cfg.memory_dropout is not None:
+            if not 0.0 <= cfg.memory_dropout < 1.0:
+                raise ConfigError(f"decoder.memory_dropout must be in [0, 1), got {cfg.memory_dropout}")
+            layer = "++model.memory_attention.layer"
+            overrides += [f"{layer}.{part}dropout={float(cfg.memory_dropout)}" for part in ("", "self_attention.", "cross_attention.")]
+        if cfg.embedding_pool not in (1, 2, 4) or (cfg.embedding_pool > 1 and cfg.image_encoder != "tinyvit"):
+            raise ConfigError(
+                f"decoder.embedding_pool must be 1, or 2 or 4 with image_encoder='tinyvit', got {cfg.embedding_pool}"
+            )
         if cfg.num_maskmem < 1:
             raise ConfigError("decoder.num_maskmem must be at least 1 (memory propagation needs a bank)")
         if cfg.image_encoder == "hiera":
@@ -156,8 +177,8 @@ class SAM2VolumeDecoder(MaskDecoder):
         from sam2.modeling.position_encoding import PositionEmbeddingSine
 
         from medvlsam2.plugins.decoders.litemedsam import (
+            LITEMEDSAM_EMBED_SIZE,
             LITEMEDSAM_IMAGE_SIZE,
-            LITEMEDSAM_SAM2_OVERRIDES,
             build_tinyvit,
             litemedsam_state_dict,
             transplant_litemedsam_heads,
@@ -167,7 +188,10 @@ class SAM2VolumeDecoder(MaskDecoder):
             raise ConfigError(
                 f"decoder.image_size must be {LITEMEDSAM_IMAGE_SIZE} with image_encoder='tinyvit', got {cfg.image_size}"
             )
-        sam, _ = build_sam2_model(cfg.sam2_config, cfg.image_size, None, [*overrides, *LITEMEDSAM_SAM2_OVERRIDES])
+        pool = int(cfg.embedding_pool)
+        # the SAM heads and prompt encoder see the (pooled) embedding grid
+        stride = LITEMEDSAM_IMAGE_SIZE // LITEMEDSAM_EMBED_SIZE * pool
+        sam, _ = build_sam2_model(cfg.sam2_config, cfg.image_size, None, [*overrides, f"++model.backbone_stride={stride}"])
         sam.image_encoder = build_tinyvit(pretrained=False)
         sam.tinyvit_pos = PositionEmbeddingSine(num_pos_feats=sam.hidden_dim, normalize=True, temperature=10000)
         report = None
@@ -242,7 +266,10 @@ class SAM2VolumeDecoder(MaskDecoder):
                 fpn = list(out["backbone_fpn"][-sam.num_feature_levels :])
                 top_pos = out["vision_pos_enc"][-1]
             else:
-                fpn = [sam.image_encoder(img)]
+                top = sam.image_encoder(img)
+                if self.cfg.embedding_pool > 1:
+                    top = F.avg_pool2d(top, self.cfg.embedding_pool)
+                fpn = [top]
                 top_pos = None
         if key is not None:
             self._feature_cache[key] = (
@@ -285,6 +312,20 @@ class SAM2VolumeDecoder(MaskDecoder):
         feats = [x.flatten(2).permute(2, 0, 1).repeat(1, g, 1) for x in fpn]
         pos = [top_pos.flatten(2).permute(2, 0, 1).repeat(1, g, 1)]
         return feats, pos, sizes
+
+    @contextmanager
+    def _raw_masks(self) -> Iterator[dict[str, torch.Tensor]]:
+        """Record the mask decoder's logits before SAM2 blanks those of absent objects."""
+        seen: dict[str, torch.Tensor] = {}
+
+        def grab(_module: nn.Module, _args: Any, output: tuple[torch.Tensor, ...]) -> None:
+            seen["masks"] = output[0]
+
+        handle = self.sam.sam_mask_decoder.register_forward_hook(grab)
+        try:
+            yield seen
+        finally:
+            handle.remove()
 
     @contextmanager
     def _text_tokens(self, tokens: torch.Tensor | None) -> Iterator[None]:
@@ -404,12 +445,13 @@ class SAM2VolumeDecoder(MaskDecoder):
         if self._memory_pool > 1:
             with_mem = top + F.interpolate(with_mem - mem_in, size=sizes[-1], mode="bilinear", align_corners=False)
         high_res_features = [x.permute(1, 2, 0).reshape(g, x.shape[-1], *s) for x, s in zip(feats[:-1], sizes[:-1])]
-        _, _, ious, _, high_res, obj_ptr, obj_score = sam._forward_sam_heads(
-            backbone_features=with_mem,
-            point_inputs=point_inputs,
-            high_res_features=high_res_features or None,
-            multimask_output=sam._use_multimask(is_cond, point_inputs),
-        )
+        with self._raw_masks() as seen:
+            _, _, ious, _, high_res, obj_ptr, obj_score = sam._forward_sam_heads(
+                backbone_features=with_mem,
+                point_inputs=point_inputs,
+                high_res_features=high_res_features or None,
+                multimask_output=sam._use_multimask(is_cond, point_inputs),
+            )
         maskmem_features, maskmem_pos_enc = sam._encode_new_memory(
             current_vision_feats=mem_flat,
             feat_sizes=[mem_size],
@@ -418,7 +460,12 @@ class SAM2VolumeDecoder(MaskDecoder):
             is_mask_from_pts=point_inputs is not None,
         )
         memory = {"maskmem_features": maskmem_features, "maskmem_pos_enc": maskmem_pos_enc, "obj_ptr": obj_ptr}
-        masks = F.interpolate(high_res, size=hw, mode="bilinear", align_corners=False)[:, 0]
+        raw = seen["masks"]
+        if raw.shape[1] > 1:  # multimask output: SAM2 keeps the candidate with the best predicted IoU
+            raw = raw[torch.arange(g, device=raw.device), ious.argmax(dim=1)][:, None]
+        masks = F.interpolate(raw.float(), size=hw, mode="bilinear", align_corners=False)[:, 0]
+        if self.cfg.gate_masks_by_object_score and not (self.training and torch.is_grad_enabled()):
+            masks = torch.where(obj_score[:, :1, None] > 0, masks, torch.full_like(masks, NO_OBJ_SCORE))
         iou = ious.max(dim=1).values if ious.shape[1] > 1 else ious[:, 0]
         return memory, masks, iou, obj_score[:, 0]
 
