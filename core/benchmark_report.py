@@ -47,7 +47,8 @@ def result_rows(jobs: Sequence[Any]) -> tuple[list[dict[str, Any]], list[str]]:
         if job.kind == "scaling":
             continue
         res = _load(job)
-        name = job.spec.get("cell") or job.label.split(" ")[1]
+        # a label reads "<kind> <name> seed <n>"; a peer's name may hold spaces ("sam2_video[init 25fc49]")
+        name = job.spec.get("cell") or job.label.split(" ", 1)[1].rsplit(" seed ", 1)[0]
         base = {"kind": "ours" if job.kind == "cell" else "peer", "name": name, "seed": job.spec["seed"]}
         if res is None or res.get("failed"):
             rows.append({**base, "status": "failed" if res else "not run"})
