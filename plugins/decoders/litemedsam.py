@@ -27,9 +27,17 @@ from medvlsam2.plugins.decoders.sam2_build import init_object_score_present
 LITEMEDSAM_IMAGE_SIZE = 256
 LITEMEDSAM_EMBED_SIZE = 64
 
-#: Hydra overrides that give a SAM2 model's prompt encoder and mask decoder LiteMedSAM's frame
-#: (256 pixels, 64x64 embedding). SAM2's memory keeps its own stride 16.
-LITEMEDSAM_SAM2_OVERRIDES = (f"++model.backbone_stride={LITEMEDSAM_IMAGE_SIZE // LITEMEDSAM_EMBED_SIZE}",)
+
+
+def litemedsam_sam2_overrides(embedding_pool: int = 1) -> tuple[str, ...]:
+    """Hydra overrides that give a SAM2 model's prompt encoder and mask decoder LiteMedSAM's frame
+    (256 pixels, a 64x64 embedding, or 64/``embedding_pool`` when the embedding is pooled).
+    SAM2's memory keeps its own stride 16."""
+    return (f"++model.backbone_stride={LITEMEDSAM_IMAGE_SIZE // LITEMEDSAM_EMBED_SIZE * int(embedding_pool)}",)
+
+
+#: The overrides for LiteMedSAM's own 64x64 grid.
+LITEMEDSAM_SAM2_OVERRIDES = litemedsam_sam2_overrides()
 
 _PREFIX_MAP = (("prompt_encoder.", "sam_prompt_encoder."), ("mask_decoder.", "sam_mask_decoder."))
 _RENAMES = ((".mlp.lin1.", ".mlp.layers.0."), (".mlp.lin2.", ".mlp.layers.1."))

@@ -177,9 +177,9 @@ class SAM2VolumeDecoder(MaskDecoder):
         from sam2.modeling.position_encoding import PositionEmbeddingSine
 
         from medvlsam2.plugins.decoders.litemedsam import (
-            LITEMEDSAM_EMBED_SIZE,
             LITEMEDSAM_IMAGE_SIZE,
             build_tinyvit,
+            litemedsam_sam2_overrides,
             litemedsam_state_dict,
             transplant_litemedsam_heads,
         )
@@ -188,10 +188,8 @@ class SAM2VolumeDecoder(MaskDecoder):
             raise ConfigError(
                 f"decoder.image_size must be {LITEMEDSAM_IMAGE_SIZE} with image_encoder='tinyvit', got {cfg.image_size}"
             )
-        pool = int(cfg.embedding_pool)
         # the SAM heads and prompt encoder see the (pooled) embedding grid
-        stride = LITEMEDSAM_IMAGE_SIZE // LITEMEDSAM_EMBED_SIZE * pool
-        sam, _ = build_sam2_model(cfg.sam2_config, cfg.image_size, None, [*overrides, f"++model.backbone_stride={stride}"])
+        sam, _ = build_sam2_model(cfg.sam2_config, cfg.image_size, None, [*overrides, *litemedsam_sam2_overrides(cfg.embedding_pool)])
         sam.image_encoder = build_tinyvit(pretrained=False)
         sam.tinyvit_pos = PositionEmbeddingSine(num_pos_feats=sam.hidden_dim, normalize=True, temperature=10000)
         report = None
