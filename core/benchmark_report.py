@@ -167,7 +167,14 @@ def _plots(out: Path, rows: list[dict[str, Any]], clicks: list[str], points: lis
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = []
+    files: list[str] = []
+
+    def save(fig: Any, name: str) -> None:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        files.append(name)
+
     ok = [r for r in rows if r.get("status") == "ok"]
     for task in sorted({r["task"] for r in ok}):
         fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -179,11 +186,7 @@ def _plots(out: Path, rows: list[dict[str, Any]], clicks: list[str], points: lis
         ax.set_xlabel("inference latency per volume (ms, log)")
         ax.set_ylabel(next(r["metric"] for r in ok if r["task"] == task))
         ax.set_title(f"{task}: quality vs cost (circles: ours, squares: peers)", fontsize=9)
-        fig.tight_layout()
-        name = f"quality_vs_cost_{task}.png"
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-        files.append(name)
+        save(fig, f"quality_vs_cost_{task}.png")
     click_rows = [r for r in ok if any(k in r for k in clicks)]
     if click_rows:
         fig, ax = plt.subplots(figsize=(5.5, 4))
@@ -197,10 +200,7 @@ def _plots(out: Path, rows: list[dict[str, Any]], clicks: list[str], points: lis
         ax.set_xticks(xs)
         ax.legend(fontsize=7)
         ax.set_title("interactive segmentation: Dice vs clicks (solid: ours, dashed: peers)", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out / "dice_vs_clicks.png", dpi=120)
-        plt.close(fig)
-        files.append("dice_vs_clicks.png")
+        save(fig, "dice_vs_clicks.png")
     for series in sorted({p["series"] for p in points}):
         fig, axes = plt.subplots(1, 3, figsize=(14, 4))
         for kind, ax in zip(("time_s", "cpu_s", "mem_mb"), axes):
@@ -215,11 +215,7 @@ def _plots(out: Path, rows: list[dict[str, Any]], clicks: list[str], points: lis
                            "mem_mb": "peak memory above baseline (MB)"}[kind])
             ax.legend(fontsize=7)
         fig.suptitle(f"scaling with {series} (log-log; exponent = fitted slope)", fontsize=10)
-        fig.tight_layout()
-        name = f"scaling_{series}.png"
-        fig.savefig(out / name, dpi=120)
-        plt.close(fig)
-        files.append(name)
+        save(fig, f"scaling_{series}.png")
     return files
 
 
