@@ -88,6 +88,9 @@ class DecoderOutput:
     masks: torch.Tensor  # (B, K, D, H, W) logits
     iou_pred: torch.Tensor | None = None  # (B, K, D): predicted IoU per slice
     object_score: torch.Tensor | None = None  # (B, K, D): object-present logit per slice
+    #: (B, K, 6): boxes the decoder predicted for its objects, ``(d0, h0, w0, d1, h1, w1)`` as
+    #: fractions of the volume's extent (a voxel i spans [i/D, (i+1)/D)); None when it predicts none.
+    boxes: torch.Tensor | None = None
 
 
 def normalise_intensity(volume: torch.Tensor, percentiles: tuple[float, float] | list[float]) -> torch.Tensor:
@@ -102,6 +105,25 @@ def normalise_intensity(volume: torch.Tensor, percentiles: tuple[float, float] |
     lo, hi = torch.quantile(flat[:, ::step], q, dim=1)
     shape = (-1,) + (1,) * (volume.ndim - 1)
     return ((volume.float() - lo.view(shape)) / (hi - lo).clamp_min(1e-6).view(shape)).clamp(0, 1)
+
+
+def mask_boxes(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Boxes of binary masks ``(..., D, H, W)`` as fractions of the extent, in the layout of
+    ``DecoderOutput.boxes``, plus a bool saying which masks are non-empty (their box is zeros)."""
+    spatial = masks.shape[-3:]
+    flat = masks.reshape(-1, *spatial).bool()
+    boxes = torch.zeros(flat.shape[0], 6, device=masks.device)
+    present = flat.flatten(1).any(1)
+    for axis in range(3):
+        other = tuple(a + 1 for a in range(3) if a != axis)
+        hit = flat.any(dim=other)  # (N, size along axis)
+        idx = torch.arange(spatial[axis], device=masks.device).expand_as(hit)
+        lo = torch.where(hit, idx, spatial[axis]).min(1).values
+        hi = torch.where(hit, idx, -1).max(1).values
+        boxes[:, axis] = lo.float() / spatial[axis]
+        boxes[:, axis + 3] = (hi + 1).float() / spatial[axis]
+    boxes[~present] = 0
+    return boxes.reshape(*masks.shape[:-3], 6), present.reshape(masks.shape[:-3])
 
 
 class MaskDecoder(nn.Module):

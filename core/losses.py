@@ -3,7 +3,9 @@
 Dice + BCE on the mask logits (weights configurable, sigmoid focal as an option), plus SAM2's
 own heads: the IoU prediction regressed onto the real per-slice IoU, and the object-score
 logit classified against "object present on this slice". As in SAM2's training losses, the
-IoU term only counts on slices where the object is present.
+IoU term only counts on slices where the object is present. A decoder that predicts boxes for
+its objects (``DecoderOutput.boxes``) has them regressed onto the target masks' boxes with L1 +
+generalised IoU, as DETR-style detection heads are.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medvlsam2.core.decoder import DecoderOutput
+from medvlsam2.core.decoder import DecoderOutput, mask_boxes
 from medvlsam2.core.errors import ConfigError, InputError
 
 
@@ -29,6 +31,8 @@ class SegLossConfig:
     focal_gamma: float = 2.0
     iou_weight: float = 1.0
     object_score_weight: float = 1.0
+    #: L1 + (1 - GIoU) between predicted boxes and the targets' boxes, for objects present.
+    box_weight: float = 1.0
     #: Slices whose target has at least this many foreground voxels count as "object present".
     min_present_voxels: int = 1
 
@@ -73,6 +77,15 @@ def iou_prediction_loss(iou_pred: torch.Tensor, logits: torch.Tensor, target: to
     return (err * weight).sum() / weight.sum().clamp_min(1.0)
 
 
+def box_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """L1 + (1 - generalised IoU) of ``(N, 6)`` boxes ``(d0, h0, w0, d1, h1, w1)``, averaged."""
+    from monai.data.box_utils import box_pair_giou
+
+    pred, target = pred.float(), target.float()
+    l1 = (pred - target).abs().sum(-1)
+    return (l1 + 1 - box_pair_giou(pred, target)).mean()
+
+
 def object_score_loss(object_score: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """BCE of the object-score logit against object presence per slice."""
     return F.binary_cross_entropy_with_logits(object_score.float(), present.float())
@@ -86,7 +99,10 @@ class SegmentationLoss(nn.Module):
     def __init__(self, cfg: SegLossConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg or SegLossConfig()
-        weights = [self.cfg.dice_weight, self.cfg.bce_weight, self.cfg.focal_weight, self.cfg.iou_weight, self.cfg.object_score_weight]
+        weights = [
+            self.cfg.dice_weight, self.cfg.bce_weight, self.cfg.focal_weight,
+            self.cfg.iou_weight, self.cfg.object_score_weight, self.cfg.box_weight,
+        ]
         if any(w < 0 for w in weights):
             raise ConfigError("loss weights must be non-negative")
         if not any(w > 0 for w in weights[:3]):
@@ -110,6 +126,15 @@ class SegmentationLoss(nn.Module):
             terms["iou"] = iou_prediction_loss(output.iou_pred, logits, target, present)
         if cfg.object_score_weight > 0 and output.object_score is not None:
             terms["object_score"] = object_score_loss(output.object_score, present)
-        weight = {"dice": cfg.dice_weight, "bce": cfg.bce_weight, "focal": cfg.focal_weight, "iou": cfg.iou_weight, "object_score": cfg.object_score_weight}
+        if cfg.box_weight > 0 and output.boxes is not None:
+            if output.boxes.shape != (*logits.shape[:2], 6):
+                raise InputError(f"the decoder gave boxes of shape {tuple(output.boxes.shape)}, expected {(*logits.shape[:2], 6)}")
+            boxes, has = mask_boxes(target)
+            # objects absent from the volume have no box to learn (their object score says so)
+            terms["box"] = box_loss(output.boxes[has], boxes[has]) if has.any() else output.boxes.sum() * 0
+        weight = {
+            "dice": cfg.dice_weight, "bce": cfg.bce_weight, "focal": cfg.focal_weight,
+            "iou": cfg.iou_weight, "object_score": cfg.object_score_weight, "box": cfg.box_weight,
+        }
         terms["loss"] = sum(weight[k] * v for k, v in terms.items())
         return terms

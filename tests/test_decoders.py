@@ -10,9 +10,9 @@ import textwrap
 import pytest
 import torch
 
-from medvlsam2.core.decoder import Prompts
+from medvlsam2.core.decoder import DecoderOutput, Prompts, mask_boxes
 from medvlsam2.core.errors import ConfigError, InputError
-from medvlsam2.core.losses import SegmentationLoss
+from medvlsam2.core.losses import SegLossConfig, SegmentationLoss
 from medvlsam2.plugins.decoders.prompt_unet import PromptUNetConfig, PromptUNetDecoder
 from medvlsam2.plugins.decoders.sam2_volume import NO_OBJ_SCORE, SAM2VolumeConfig, SAM2VolumeDecoder
 
@@ -272,7 +272,7 @@ MEMORY_SCRIPT = """
 import json, os, resource, sys
 import torch
 torch.set_num_threads(1)
-from medvlsam2.core.decoder import Prompts
+from medvlsam2.core.decoder import DecoderOutput, Prompts, mask_boxes
 from medvlsam2.plugins.decoders.sam2_volume import SAM2VolumeConfig, SAM2VolumeDecoder
 torch.manual_seed(0)
 dec = SAM2VolumeDecoder(SAM2VolumeConfig(image_encoder="hiera", image_size=128, prompt_dim=32)).eval()
@@ -374,3 +374,50 @@ def test_frozen_image_features_are_cached_across_calls_per_volume():
     with torch.no_grad():
         off(volume, prompts)
     assert not off._feature_cache  # off: nothing kept between calls
+
+
+def test_text_box_head_learns_where_each_text_prompt_points_and_prompts_sam_with_it():
+    """Two text prompts, two blobs: the box head is trained by the loss's box term alone, then
+    its boxes land on the blobs, bound the decoded slices, and a user's box still wins."""
+    torch.manual_seed(0)
+    decoder = hiera(text_box_head=True, frozen=["image_encoder", "prompt_encoder", "mask_decoder", "memory"])
+    a, mask_a = ellipsoid((8, 48, 48), (2, 12, 12), (1.5, 6, 6))
+    b, mask_b = ellipsoid((8, 48, 48), (5, 34, 34), (1.5, 8, 8), seed=1)
+    volume, target = a + b, torch.cat([mask_a, mask_b], dim=1)
+    text = torch.randn(1, 2, 32)
+    loss_fn = SegmentationLoss(SegLossConfig(dice_weight=0, bce_weight=1e-9, iou_weight=0, object_score_weight=0))
+    opt = torch.optim.AdamW(decoder.box_head.parameters(), lr=3e-3)
+    first = None
+    for _ in range(60):
+        boxes = decoder.predict_boxes(text)  # the head alone: the SAM pass adds nothing to its loss
+        loss = loss_fn(DecoderOutput(masks=torch.zeros_like(target), boxes=boxes), target)["box"]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.25 * first
+    decoder.eval()
+    with torch.no_grad():
+        out = decoder(volume, Prompts(text_embeds=text))
+        want, _ = mask_boxes(target)
+        assert out.boxes.shape == (1, 2, 6) and (out.boxes[..., :3] <= out.boxes[..., 3:]).all()
+        assert (out.boxes - want).abs().max() < 0.1
+        # slices outside a predicted box's depth range are decoded as absent
+        lo, hi = (out.boxes[0, 0, [0, 3]] * 8).floor().long().tolist()
+        assert (out.masks[0, 0, hi + 1 :] == NO_OBJ_SCORE).all() and (out.masks[0, 0, lo:hi] > NO_OBJ_SCORE).all()
+        # an object with its own box keeps it; the other still gets the predicted one
+        user = torch.tensor([[[4.0, 30, 30, 7, 40, 40], [-1.0] * 6]])
+        mixed = decoder._with_text_boxes(Prompts(text_embeds=text, boxes=user), out.boxes, (8, 48, 48))
+        assert mixed.boxes[0, 0].tolist() == user[0, 0].tolist() and (mixed.boxes[0, 1] >= 0).all()
+
+
+def test_box_loss_needs_matching_shapes_and_skips_absent_objects():
+    target = torch.zeros(1, 2, 4, 8, 8)
+    target[0, 0, 1:3, 2:5, 3:6] = 1
+    boxes, present = mask_boxes(target)
+    assert present.tolist() == [[True, False]]
+    assert torch.allclose(boxes[0, 0], torch.tensor([1 / 4, 2 / 8, 3 / 8, 3 / 4, 5 / 8, 6 / 8]))
+    exact = DecoderOutput(masks=torch.zeros_like(target), boxes=torch.stack([boxes[0, 0], torch.rand(6)])[None])
+    assert SegmentationLoss()(exact, target)["box"].item() < 1e-5  # the absent object's box is ignored
+    with pytest.raises(InputError, match="boxes of shape"):
+        SegmentationLoss()(DecoderOutput(masks=torch.zeros_like(target), boxes=torch.zeros(1, 3, 6)), target)

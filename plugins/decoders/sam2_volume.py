@@ -5,7 +5,9 @@ video predictor does; masks then propagate forward and backward from the first o
 SAM2's memory attention and memory encoder, driven here through ``SAM2Base._track_step`` so the
 whole pass stays differentiable (the video predictor runs under ``inference_mode``). Text prompt
 embeddings join SAM2's sparse prompt tokens on every slice; with text alone, the middle slice is
-the conditioning frame and memory carries context outwards from it.
+the conditioning frame and memory carries context outwards from it, or, with ``text_box_head``,
+a box predicted from the text embedding prompts SAM as a user's box would (text says what, the
+box says where; a text-to-box-to-SAM chain as in grounded-SAM pipelines).
 
 The pass streams slice by slice: each slice is encoded when it is visited and the memory bank
 keeps only what SAM2 can attend to (``num_maskmem`` frames, the object-pointer window and the
@@ -15,6 +17,7 @@ keeps only what SAM2 can attend to (``num_maskmem`` frames, the object-pointer w
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,7 +37,7 @@ from medvlsam2.core.errors import ConfigError
 NO_OBJ_SCORE = -1024.0
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
-_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder", "memory", "text_proj")
+_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder", "memory", "text_proj", "box_head")
 _MEMORY_MODULES = (
     "memory_attention",
     "memory_encoder",
@@ -94,6 +97,12 @@ class SAM2VolumeConfig:
     #: Dropout inside memory attention (None: the SAM2 config's 0.1). 0 drops SAM2's
     #: training-time regularisation, useful for short runs where it mostly costs time.
     memory_dropout: float | None = None
+    #: Predict a 3D box from each text prompt embedding (an MLP head, trained by the
+    #: segmentation loss's box term against the target mask's box) and prompt SAM with it too,
+    #: for objects without a box or points of their own. SAM's pretrained box path then places
+    #: the mask; the boxes come back in ``DecoderOutput.boxes``. The box enters the prompt
+    #: detached: masks train the heads, the box loss trains the box head.
+    text_box_head: bool = False
 
 
 @dataclass
@@ -135,6 +144,16 @@ class SAM2VolumeDecoder(MaskDecoder):
         self.text_proj: nn.Module = (
             nn.Identity() if self.prompt_dim == self.sam.hidden_dim else nn.Linear(self.prompt_dim, self.sam.hidden_dim)
         )
+        self.box_head: nn.Module | None = None
+        if cfg.text_box_head:
+            from medvlsam2.core.projectors import mlp
+
+            # LayerNorm first: [SEG] projections are LLM hidden states, whose scale drifts in training
+            self.box_head = nn.Sequential(nn.LayerNorm(self.prompt_dim), *mlp(self.prompt_dim, self.sam.hidden_dim, 6, num_layers=3))
+            # every box starts as the middle half of the volume: lo = 0.25, hi = lo + (1 - lo) * 2/3
+            nn.init.zeros_(self.box_head[-1].weight)
+            with torch.no_grad():
+                self.box_head[-1].bias.copy_(torch.tensor([-math.log(3.0)] * 3 + [math.log(2.0)] * 3))
         if cfg.checkpoint:
             self.load_report = self.load_checkpoint(cfg.checkpoint)
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
@@ -211,6 +230,9 @@ class SAM2VolumeDecoder(MaskDecoder):
             yield from sam.sam_mask_decoder.parameters()
         elif part == "text_proj":
             yield from self.text_proj.parameters()
+        elif part == "box_head":
+            if self.box_head is not None:
+                yield from self.box_head.parameters()
         else:
             for name in _MEMORY_MODULES:
                 obj = getattr(sam, name, None)
@@ -341,6 +363,33 @@ class SAM2VolumeDecoder(MaskDecoder):
             yield
         finally:
             handle.remove()
+
+    # -- text -> box ------------------------------------------------------------------------------
+    def predict_boxes(self, text_embeds: torch.Tensor) -> torch.Tensor:
+        """Boxes ``(B, K, 6)`` for text embeddings ``(B, K, prompt_dim)``, as fractions of the extent."""
+        if self.box_head is None:
+            raise ConfigError("decoder.text_box_head is off: this decoder predicts no boxes")
+        out = self.box_head(text_embeds.to(self.box_head[0].weight.dtype)).float().sigmoid()
+        # lo in (0, 1) and hi in (lo, 1): ordered corners inside the volume, with no clamping
+        # (a clamp would stop the gradient of a box that touches the border)
+        lo = out[..., :3]
+        return torch.cat([lo, lo + (1 - lo) * out[..., 3:]], dim=-1)
+
+    @staticmethod
+    def _with_text_boxes(prompts: Prompts, boxes: torch.Tensor, spatial: tuple[int, int, int]) -> Prompts:
+        """Prompts where each object with neither a box nor points gets ``boxes`` as voxel bounds."""
+        size = torch.tensor(spatial, dtype=torch.float32, device=boxes.device)
+        lo = (boxes[..., :3].detach() * size).floor()
+        hi = torch.maximum((boxes[..., 3:].detach() * size).ceil() - 1, lo)
+        voxel = torch.cat([lo.clamp(min=0), torch.minimum(hi, size - 1)], dim=-1)
+        own = torch.zeros(boxes.shape[:2], dtype=torch.bool, device=boxes.device)
+        if prompts.boxes is not None:
+            own |= (prompts.boxes >= 0).all(-1)
+        if prompts.points is not None:
+            own |= (prompts.point_labels >= 0).any(-1)
+        if prompts.boxes is not None:
+            voxel = torch.where(own[..., None], prompts.boxes.to(voxel), voxel)
+        return Prompts(prompts.text_embeds, prompts.points, prompts.point_labels, voxel)
 
     # -- prompts -> groups and per-slice point inputs --------------------------------------------
     def _groups(self, prompts: Prompts, b: int, depth: int) -> list[_Group]:
@@ -512,6 +561,10 @@ class SAM2VolumeDecoder(MaskDecoder):
         self.check_prompts(volume, prompts)
         bsz, _, depth, h, w = volume.shape
         k_obj = prompts.num_objects
+        boxes = None
+        if self.box_head is not None and prompts.text_embeds is not None:
+            boxes = self.predict_boxes(prompts.text_embeds)
+            prompts = self._with_text_boxes(prompts, boxes, (depth, h, w))
         norm = normalise_intensity(volume[:, :1], self.cfg.intensity_percentiles)
         self._volume_keys = [_content_key(norm[b]) for b in range(bsz)] if "image_encoder" in self.cfg.frozen else []
         self._slices_in_call = bsz * depth
@@ -528,4 +581,4 @@ class SAM2VolumeDecoder(MaskDecoder):
                 scores[b, group.objects] = group_scores.float()
         if not self.cfg.feature_cache_slices:
             self._feature_cache.clear()
-        return DecoderOutput(masks=masks, iou_pred=ious, object_score=scores)
+        return DecoderOutput(masks=masks, iou_pred=ious, object_score=scores, boxes=boxes)

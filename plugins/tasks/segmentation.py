@@ -234,7 +234,9 @@ def _masked(output: DecoderOutput, valid: torch.Tensor) -> DecoderOutput:
     def pick(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t[valid][None]
 
-    return DecoderOutput(masks=output.masks[valid][None], iou_pred=pick(output.iou_pred), object_score=pick(output.object_score))
+    return DecoderOutput(
+        masks=output.masks[valid][None], iou_pred=pick(output.iou_pred), object_score=pick(output.object_score), boxes=pick(output.boxes)
+    )
 
 
 def _mean(values: Sequence[float]) -> float:
