@@ -72,8 +72,10 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_during_fit_stops_cleanly_with_a_checkpoint_to_resume(tmp_path, sig, code):
-    # 20 batches an epoch, 2 epochs: the signal lands inside epoch 1, after epoch 0's checkpoint.
-    config = write_config(tmp_path, epochs=2)
+    # 20 batches an epoch: the signal lands after epoch 0's checkpoint. 10 epochs, so the run
+    # cannot reach its end before the signal does (with 2, a loaded machine sometimes finished).
+    epochs = 10
+    config = write_config(tmp_path, epochs=epochs)
     config.write_text(config.read_text().replace("log_every_n_steps: 1}", "log_every_n_steps: 1, steps_per_epoch: 20, test_after_fit: false}"))
     folder = tmp_path / "runs" / "run"
     ckpt = folder / "checkpoints" / "train" / "last.ckpt"
@@ -94,13 +96,13 @@ def test_signal_during_fit_stops_cleanly_with_a_checkpoint_to_resume(tmp_path, s
     last = err.strip().splitlines()[-1]
     assert last == f"medvlsam2: stopped by {signal.Signals(sig).name}; checkpoint {ckpt}; continue with: medvlsam2 fit --resume {folder}"
     saved = load_checkpoint(ckpt)
-    assert 20 <= saved["global_step"] < 40
+    assert 20 <= saved["global_step"] < 20 * epochs
     if sig == signal.SIGTERM:  # one resume is enough to show the checkpoint continues (each costs a run)
         resumed = subprocess.run(
             [sys.executable, "-m", "medvlsam2", "fit", "--resume", str(folder)], capture_output=True, text=True, timeout=300
         )
         assert resumed.returncode == 0, resumed.stderr[-2000:]
-        assert load_checkpoint(folder / "checkpoints" / "last.ckpt")["global_step"] == 40
+        assert load_checkpoint(folder / "checkpoints" / "last.ckpt")["global_step"] == 20 * epochs
 
 
 @pytest.fixture(scope="module")
