@@ -99,14 +99,20 @@ class SegmentationLoss(nn.Module):
     def __init__(self, cfg: SegLossConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg or SegLossConfig()
-        weights = [
-            self.cfg.dice_weight, self.cfg.bce_weight, self.cfg.focal_weight,
-            self.cfg.iou_weight, self.cfg.object_score_weight, self.cfg.box_weight,
-        ]
-        if any(w < 0 for w in weights):
+        weights = self.weights
+        if any(w < 0 for w in weights.values()):
             raise ConfigError("loss weights must be non-negative")
-        if not any(w > 0 for w in weights[:3]):
+        if not any(weights[k] > 0 for k in ("dice", "bce", "focal")):
             raise ConfigError("at least one of dice_weight, bce_weight, focal_weight must be positive")
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Each term's weight, by the term's name in the returned dict."""
+        cfg = self.cfg
+        return {
+            "dice": cfg.dice_weight, "bce": cfg.bce_weight, "focal": cfg.focal_weight,
+            "iou": cfg.iou_weight, "object_score": cfg.object_score_weight, "box": cfg.box_weight,
+        }
 
     def forward(self, output: DecoderOutput, target: torch.Tensor) -> dict[str, torch.Tensor]:
         logits = output.masks
@@ -132,9 +138,6 @@ class SegmentationLoss(nn.Module):
             boxes, has = mask_boxes(target)
             # objects absent from the volume have no box to learn (their object score says so)
             terms["box"] = box_loss(output.boxes[has], boxes[has]) if has.any() else output.boxes.sum() * 0
-        weight = {
-            "dice": cfg.dice_weight, "bce": cfg.bce_weight, "focal": cfg.focal_weight,
-            "iou": cfg.iou_weight, "object_score": cfg.object_score_weight, "box": cfg.box_weight,
-        }
+        weight = self.weights
         terms["loss"] = sum(weight[k] * v for k, v in terms.items())
         return terms

@@ -127,7 +127,6 @@ def test_litemedsam_untrained_box_segments_a_bright_ellipsoid():
     assert (out.masks[0, 0, 0] == NO_OBJ_SCORE).all() and (out.masks[0, 0, 15] == NO_OBJ_SCORE).all()
 
 
-
 def test_pooled_tinyvit_embedding_runs_the_heads_on_a_coarser_grid_and_still_segments():
     """embedding_pool=2: heads on 32x32 (masks at 128 px); the untrained box prompt still works."""
     decoder = SAM2VolumeDecoder(SAM2VolumeConfig(embedding_pool=2)).eval()
@@ -272,7 +271,7 @@ MEMORY_SCRIPT = """
 import json, os, resource, sys
 import torch
 torch.set_num_threads(1)
-from medvlsam2.core.decoder import DecoderOutput, Prompts, mask_boxes
+from medvlsam2.core.decoder import Prompts
 from medvlsam2.plugins.decoders.sam2_volume import SAM2VolumeConfig, SAM2VolumeDecoder
 torch.manual_seed(0)
 dec = SAM2VolumeDecoder(SAM2VolumeConfig(image_encoder="hiera", image_size=128, prompt_dim=32)).eval()
@@ -409,6 +408,10 @@ def test_text_box_head_learns_where_each_text_prompt_points_and_prompts_sam_with
         user = torch.tensor([[[4.0, 30, 30, 7, 40, 40], [-1.0] * 6]])
         mixed = decoder._with_text_boxes(Prompts(text_embeds=text, boxes=user), out.boxes, (8, 48, 48))
         assert mixed.boxes[0, 0].tolist() == user[0, 0].tolist() and (mixed.boxes[0, 1] >= 0).all()
+        # an object prompted by points gets no box; one with neither gets the predicted box
+        points, labels = torch.tensor([[[[2.0, 12, 12]], [[0.0, 0, 0]]]]), torch.tensor([[[1], [-1]]])
+        clicked = decoder._with_text_boxes(Prompts(text, points, labels), out.boxes, (8, 48, 48))
+        assert (clicked.boxes[0, 0] == -1).all() and (clicked.boxes[0, 1] >= 0).all()
 
 
 def test_box_loss_needs_matching_shapes_and_skips_absent_objects():

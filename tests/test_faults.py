@@ -72,9 +72,8 @@ def test_kill_during_checkpoint_write_keeps_the_previous_one(tmp_path):
 
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_signal_during_fit_stops_cleanly_with_a_checkpoint_to_resume(tmp_path, sig, code):
-    # 20 batches an epoch, 10 epochs: the signal lands after epoch 0's checkpoint, long before the end.
-    epochs = 10
-    config = write_config(tmp_path, epochs=epochs)
+    # 20 batches an epoch, 2 epochs: the signal lands inside epoch 1, after epoch 0's checkpoint.
+    config = write_config(tmp_path, epochs=2)
     config.write_text(config.read_text().replace("log_every_n_steps: 1}", "log_every_n_steps: 1, steps_per_epoch: 20, test_after_fit: false}"))
     folder = tmp_path / "runs" / "run"
     ckpt = folder / "checkpoints" / "train" / "last.ckpt"
@@ -98,13 +97,13 @@ def test_signal_during_fit_stops_cleanly_with_a_checkpoint_to_resume(tmp_path, s
     last = err.strip().splitlines()[-1]
     assert last == f"medvlsam2: stopped by {signal.Signals(sig).name}; checkpoint {ckpt}; continue with: medvlsam2 fit --resume {folder}"
     saved = load_checkpoint(ckpt)
-    assert 20 <= saved["global_step"] < 20 * epochs
+    assert 20 <= saved["global_step"] < 40
     if sig == signal.SIGTERM:  # one resume is enough to show the checkpoint continues (each costs a run)
         resumed = subprocess.run(
             [sys.executable, "-m", "medvlsam2", "fit", "--resume", str(folder)], capture_output=True, text=True, timeout=300
         )
         assert resumed.returncode == 0, resumed.stderr[-2000:]
-        assert load_checkpoint(folder / "checkpoints" / "last.ckpt")["global_step"] == 20 * epochs
+        assert load_checkpoint(folder / "checkpoints" / "last.ckpt")["global_step"] == 40
 
 
 @pytest.fixture(scope="module")

@@ -383,12 +383,13 @@ class SAM2VolumeDecoder(MaskDecoder):
         hi = torch.maximum((boxes[..., 3:].detach() * size).ceil() - 1, lo)
         voxel = torch.cat([lo.clamp(min=0), torch.minimum(hi, size - 1)], dim=-1)
         own = torch.zeros(boxes.shape[:2], dtype=torch.bool, device=boxes.device)
+        user = torch.full_like(voxel, -1.0)  # "no box": an object prompted by points keeps only them
         if prompts.boxes is not None:
-            own |= (prompts.boxes >= 0).all(-1)
+            user = prompts.boxes.to(voxel)
+            own |= (user >= 0).all(-1)
         if prompts.points is not None:
             own |= (prompts.point_labels >= 0).any(-1)
-        if prompts.boxes is not None:
-            voxel = torch.where(own[..., None], prompts.boxes.to(voxel), voxel)
+        voxel = torch.where(own[..., None], user, voxel)
         return Prompts(prompts.text_embeds, prompts.points, prompts.point_labels, voxel)
 
     # -- prompts -> groups and per-slice point inputs --------------------------------------------
