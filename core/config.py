@@ -80,6 +80,9 @@ class TrainerConfig:
     fast_dev_run: bool = False
     enable_progress_bar: bool = True
     batch_size: int = 1
+    #: Samples per validation / test batch (no gradients, so it can be larger; generation
+    #: runs a batch at once, which is several times faster per sample on a CPU). None: batch_size.
+    eval_batch_size: int | None = None
     num_workers: int = 0
     #: Score the test split with the final weights at the end of ``fit``.
     test_after_fit: bool = True
@@ -241,6 +244,10 @@ def validate_components(cfg: DictConfig) -> None:
             raise ConfigError(f"config: {path}.weight: expected a positive number, got {weight!r}")
         _check_plugin(host, "tasks", name, args, path)
         task_names.append(name)
+    for key in ("batch_size", "eval_batch_size"):
+        value = container["trainer"][key]
+        if value is not None and value < 1:
+            raise ConfigError(f"config: trainer.{key}: expected at least 1, got {value}")
     for i, stage in enumerate(container["stages"]):
         for j, task in enumerate(stage["tasks"]):
             if task not in task_names:

@@ -145,6 +145,7 @@ class MedVLDataModule(L.LightningDataModule):
         weights: Mapping[str, float],
         *,
         batch_size: int = 1,
+        eval_batch_size: int | None = None,
         num_workers: int = 0,
         steps_per_epoch: int | None = None,
         seed: int = 0,
@@ -152,6 +153,7 @@ class MedVLDataModule(L.LightningDataModule):
         super().__init__()
         self.tasks, self.weights = dict(tasks), dict(weights)
         self.batch_size, self.num_workers = batch_size, num_workers
+        self.eval_batch_size = eval_batch_size or batch_size
         self.steps_per_epoch, self.seed = steps_per_epoch, seed
         self._splits: dict[str, TaskMixDataset] = {}
 
@@ -177,7 +179,8 @@ class MedVLDataModule(L.LightningDataModule):
             if n == 0:
                 continue
             start = data.offsets[key]
-            batches = [list(range(start + i, start + min(i + self.batch_size, n))) for i in range(0, n, self.batch_size)]
+            size = self.eval_batch_size
+            batches = [list(range(start + i, start + min(i + size, n))) for i in range(0, n, size)]
             padding = False
             if self.trainer is not None and self.trainer.world_size > 1:  # each rank scores its share
                 batches = batches[self.trainer.global_rank :: self.trainer.world_size]

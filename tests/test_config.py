@@ -52,6 +52,8 @@ def test_interpolation_resolves(tmp_path):
         ("model.encoder.name=vit_3d", "model.encoder.name: unknown encoder 'vit_3d' (did you mean 'vit3d'?)"),
         ("tasks.0.weight=-1", "tasks[0].weight: expected a positive number"),
         ("stages.0.tasks=[report]", "stages[0].tasks[0]: task 'report' is not in `tasks`"),
+        ("trainer.eval_batch_size=0", "trainer.eval_batch_size: expected at least 1, got 0"),
+        ("trainer.batch_size=-2", "trainer.batch_size: expected at least 1, got -2"),
     ],
 )
 def test_bad_values_name_the_dotted_path(tmp_path, override, expected):

@@ -431,3 +431,153 @@ def test_classes_option_restricts_what_a_task_prompts_and_scores(module):
     assert any(len(p) > 1 for p in everything)
     assert all(names[i][v] == "brain stem" for i, p in enumerate(only) for v in p)
     assert any(only)
+
+
+# -- answer_boxes: the LLM writes each object's box before its [SEG] ------------------------------
+def test_box_text_round_trips_to_the_masks_voxel_box():
+    from medvlsam2.plugins.tasks.segmentation import box_text, text_box_voxels
+
+    rng = np.random.default_rng(3)
+    for shape in [(8, 32, 32), (12, 64, 64), (5, 17, 23)]:
+        for _ in range(20):
+            lo = rng.integers(0, np.asarray(shape))
+            hi = lo + rng.integers(0, np.asarray(shape) - lo)
+            mask = np.zeros(shape, dtype=bool)
+            mask[lo[0] : hi[0] + 1, lo[1] : hi[1] + 1, lo[2] : hi[2] + 1] = True
+            # written with 2 decimals and read back onto the same grid: the exact voxel box
+            assert text_box_voxels(box_text(mask), shape).tolist() == mask_box(mask).tolist()
+    assert box_text(np.zeros((4, 4, 4), dtype=bool)) is None
+    assert text_box_voxels("It is the left thalamus.", (8, 32, 32)) is None
+    assert text_box_voxels("[0.50, 0.5, 0.5, 0.25, 1, 1]", (8, 32, 32)) is None  # min corner above max
+
+
+@pytest.fixture(scope="module")
+def boxed(data_dirs, tmp_path_factory):
+    """A model whose semantic and referring answers write boxes."""
+    from medvlsam2.core.engine import MedVLModule
+
+    tasks = [{**t, "answer_boxes": True, "box_jitter": 0.0} for t in task_entries(*data_dirs)[:2]]
+    cfg = run_config(tmp_path_factory.mktemp("boxed"), tasks)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        return MedVLModule(cfg)
+
+
+class DecoderSpy:
+    """Records the prompts each decoder call gets, then runs the decoder."""
+
+    def __init__(self, monkeypatch, decoder):
+        self.calls = []
+        forward = decoder.forward
+
+        def spy(volume, prompts, encoder_output=None):
+            self.calls.append(prompts)
+            return forward(volume, prompts, encoder_output)
+
+        monkeypatch.setattr(decoder, "forward", spy)
+
+
+def test_answer_boxes_train_the_box_text_and_prompt_the_decoder_with_the_box(boxed, monkeypatch):
+    from medvlsam2.plugins.tasks.segmentation import box_text, text_box_voxels
+
+    spy = DecoderSpy(monkeypatch, boxed.model.decoder)
+    answers = []
+    tokenize = boxed.model.trunk.tokenize
+    monkeypatch.setattr(boxed.model.trunk, "tokenize", lambda p, a=None, **k: answers.append(a) or tokenize(p, a, **k))
+    boxed.train()
+    try:
+        for key in ("semantic_seg", "referring_seg"):
+            task = boxed.tasks[key]
+            batch = task.collate(list(task.samples("train"))[:2])
+            assert math.isfinite(task.training_step(boxed.model, batch)["loss"].item())
+            prompts = spy.calls[-1]
+            assert prompts.text_embeds is not None and prompts.boxes is not None
+            for i, (answer, label) in enumerate(zip(answers[-1], batch["label"])):
+                written = [part.rsplit("[", 1)[1] for part in answer.split(SEG_TOKEN)[:-1]]
+                assert written, answer
+                values = batch["present"][i] if key == "semantic_seg" else [1]
+                tight = {box_text(label == v) for v in values}
+                for k, box in enumerate(written):
+                    # the box before the k-th [SEG] is the tight box of a target mask, and (with
+                    # box_jitter 0) the k-th object's decoder box is that same box in voxels
+                    assert "[" + box.strip() in tight, (answer, tight)
+                    voxels = text_box_voxels("[" + box, label.shape)
+                    assert prompts.boxes[i, k].tolist() == voxels.tolist()
+    finally:
+        boxed.eval()
+    referring = boxed.tasks["referring_seg"]
+    assert referring.with_seg("It is the left thalamus.", "[0.10, 0.20, 0.30, 0.40, 0.50, 0.60]") == (
+        f"It is the left thalamus. [0.10, 0.20, 0.30, 0.40, 0.50, 0.60] {SEG_TOKEN}"
+    )
+    assert referring.with_seg("Sure, it is [SEG].", "[0.10, 0.20, 0.30, 0.40, 0.50, 0.60]") == (
+        f"Sure, it is [0.10, 0.20, 0.30, 0.40, 0.50, 0.60] {SEG_TOKEN}."
+    )
+
+
+def scripted_generate(texts, calls=None):
+    """A ``trunk.generate`` that answers ``texts`` in turn, one per prompt (with no [SEG] states,
+    so the tasks take them from their teacher-forced pass); ``calls`` collects its arguments."""
+
+    def generate(volume, prompts, **kwargs):
+        if calls is not None:
+            calls.append({"volume": volume, "prompts": list(prompts), **kwargs})
+        b = len(prompts)
+        text = [texts.pop(0) for _ in range(b)]
+        seg = torch.zeros(b, 0, 16)
+        return GenerationOutput(text, torch.zeros(b, 1, dtype=torch.long), torch.zeros(b, 0, 64), seg,
+                                torch.zeros(b, 0, dtype=torch.bool))
+
+    return generate
+
+
+def test_answer_boxes_at_inference_prompt_the_decoder_with_the_box_the_llm_writes(boxed, monkeypatch):
+    spy = DecoderSpy(monkeypatch, boxed.model.decoder)
+    trunk = boxed.model.trunk
+    semantic = boxed.tasks["semantic_seg"]
+    volume = semantic.collate(list(semantic.samples("test"))[:1])["volume"]
+    # semantic: one generate for every name, one prompt per name; decoding in chunks of max_classes 2
+    calls = []
+    monkeypatch.setattr(trunk, "generate", scripted_generate([
+        " [0.25, 0.00, 0.50, 0.75, 0.50, 1.00] [SEG]", " I cannot tell.", " [0.00, 0.25, 0.25, 1.00, 0.75, 0.75] [SEG]",
+    ], calls))
+    with torch.no_grad():
+        out = semantic.infer(boxed.model, volume, text="left thalamus, brain stem, lesion")
+    # the answer is forced up to each name, with no trailing space (training tokenises " [")
+    assert calls[0]["answer_prefix"] == ["left thalamus", "brain stem", "lesion"]
+    assert calls[0]["prompts"] == [f"Segment the {n}." for n in ("left thalamus", "brain stem", "lesion")]
+    assert calls[0]["volume"].shape[0] == 3
+    assert out["masks"].shape == (3, 8, 32, 32) and out["text"].count(SEG_TOKEN) == 3
+    assert "left thalamus [0.25, 0.00, 0.50, 0.75, 0.50, 1.00] [SEG]" in out["text"]
+    assert "brain stem [SEG]" in out["text"] and out["boxes_missing"] == 1
+    first, second = spy.calls[-2:]
+    assert first.boxes[0].tolist() == [[2, 0, 16, 5, 15, 31], [-1] * 6]  # brain stem: [SEG] alone
+    assert second.boxes[0].tolist() == [[0, 8, 8, 7, 23, 23]]
+    # a user's box replaces the written one
+    monkeypatch.setattr(trunk, "generate", scripted_generate(["[0.25, 0.00, 0.50, 0.75, 0.50, 1.00] [SEG]"]))
+    with torch.no_grad():
+        semantic.infer(boxed.model, volume, text="left thalamus", box=np.array([1, 2, 3, 4, 5, 6]))
+    assert spy.calls[-1].boxes[0].tolist() == [[1, 2, 3, 4, 5, 6]]
+
+    referring = boxed.tasks["referring_seg"]
+    batch = referring.collate(list(referring.samples("test")))
+    monkeypatch.setattr(trunk, "generate", scripted_generate([
+        "It is the rounded structure. [0.00, 0.00, 0.00, 0.50, 0.50, 0.50] [SEG]", "It is the elongated one.",
+    ]))
+    with torch.no_grad():
+        predictions = referring.predict_step(boxed.model, batch)
+    assert spy.calls[-1].boxes[:, 0].tolist() == [[0, 0, 0, 3, 15, 15], [-1] * 6]
+    assert [p["boxed"] for p in predictions] == [True, False]
+    metrics = referring.compute_metrics(predictions)
+    assert metrics["box_failure_rate"] == 0.5
+    monkeypatch.setattr(trunk, "generate", scripted_generate(["[0.0, 0.0, 0.0, 1.0, 1.0, 1.0] [SEG]"] * 4))
+    with torch.no_grad():
+        semantic_metrics = semantic.compute_metrics(semantic.predict_step(boxed.model, semantic.collate(list(semantic.samples("test"))[:1])))
+    assert semantic_metrics["box_failure_rate"] == 0.0
+
+
+def test_answer_boxes_needs_a_decoder_that_takes_boxes(boxed, monkeypatch):
+    task = boxed.tasks["semantic_seg"]
+    monkeypatch.setattr(boxed.model.decoder, "accepts", frozenset({"text"}))
+    with pytest.raises(ConfigError, match=r"takes no box prompts, which SemanticSegTask.answer_boxes needs"):
+        task.configure_heads(boxed.model)

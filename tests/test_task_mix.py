@@ -40,3 +40,26 @@ def test_stream_depends_only_on_seed_and_epoch():
     assert list(first) == list(second)
     second.set_epoch(4)
     assert list(first) != list(second)
+
+
+def test_evaluation_batches_take_eval_batch_size_and_cover_each_split_once():
+    from medvlsam2.core.data import MedVLDataModule
+
+    class Task:
+        def __init__(self, n):
+            self.n = n
+
+        def samples(self, split):
+            return [{"i": i} for i in range(self.n)]
+
+    tasks = {"a": Task(10), "b": Task(7)}
+    sizes = {}
+    for eval_size in (None, 4):
+        module = MedVLDataModule(tasks, {"a": 1.0, "b": 1.0}, batch_size=2, eval_batch_size=eval_size)
+        loaders = module._eval_loaders("test")
+        batches = [list(loader.batch_sampler) for loader in loaders]
+        # one loader per task; every sample once, in order, in batches of one task
+        assert [[i for b in bs for i in b] for bs in batches] == [list(range(10)), list(range(10, 17))]
+        sizes[eval_size] = [[len(b) for b in bs] for bs in batches]
+    assert sizes[None] == [[2] * 5, [2, 2, 2, 1]]  # default: the training batch size
+    assert sizes[4] == [[4, 4, 2], [4, 3]]

@@ -10,6 +10,10 @@ the original file grid with its spacing) and the ``infer`` entry point used by
   forced (it is the prompt's answer prefix), so a mask is never missing.
 * ``referring_seg`` generates an answer to a question; when the answer has no ``[SEG]``, one is
   appended and the ``[SEG]`` state comes from a teacher-forced pass (``forced_seg_rate``).
+* With ``answer_boxes`` (semantic and referring) the answer writes each object's 3D box before
+  its ``[SEG]``, in grounding's text form, and the decoder is prompted with that box too: the
+  LLM says where, the decoder draws the mask (trained on the target's box, inferred from the
+  box the LLM writes).
 * ``interactive_seg`` prompts the decoder with simulated clicks and jittered boxes (and, with
   ``use_text``, a forced ``[SEG]`` from "Segment the {names}.").
 
@@ -33,6 +37,8 @@ from medvlsam2.core.errors import ConfigError, InputError
 from medvlsam2.core.llm import IMAGE_TOKEN, SEG_TOKEN
 from medvlsam2.core.losses import SegLossConfig, SegmentationLoss
 from medvlsam2.plugins.tasks.base import MedVLTask, TaskConfig
+from medvlsam2.plugins.tasks.grounding import box_to_text, parse_box_text
+from medvlsam2.plugins.tasks.grounding import mask_box as normalised_box
 
 log = logging.getLogger(__name__)
 
@@ -59,20 +65,35 @@ class SegTaskConfig(TaskConfig):
     hd95: bool = False
     #: Label names this task trains and scores on; empty = every named label.
     classes: list[str] = field(default_factory=list)
+    #: Each training box side moves by up to this fraction of the object's extent.
+    box_jitter: float = 0.1
 
 
 @dataclass
-class SemanticSegConfig(SegTaskConfig):
-    #: Most class names (hence [SEG] tokens) in one prompt; evaluation chunks longer lists.
-    max_classes: int = 4
-    #: Weight of the LLM's answer loss (it teaches emitting one [SEG] per class).
-    lm_weight: float = 1.0
+class TextSegConfig(SegTaskConfig):
+    """Options of the tasks whose masks are prompted by the LLM's [SEG] tokens."""
 
-
-@dataclass
-class ReferringSegConfig(SegTaskConfig):
     #: Weight of the LLM's answer loss.
     lm_weight: float = 1.0
+    #: The answer writes each object's 3D box before its [SEG] (grounding's text form,
+    #: ``[d0, h0, w0, d1, h1, w1]`` normalised to the model grid), and the decoder is prompted
+    #: with that box as well as the [SEG] embedding: the LLM says where, the decoder draws the
+    #: mask inside. Training writes the target's box (the decoder gets it jittered by
+    #: ``box_jitter``); inference uses the box the LLM writes, and an object whose answer holds
+    #: no box is prompted by its [SEG] alone (``box_failure_rate``). Needs a decoder that takes boxes.
+    answer_boxes: bool = False
+    #: Longest generated box at inference (``answer_boxes``).
+    box_tokens: int = 40
+
+
+@dataclass
+class SemanticSegConfig(TextSegConfig):
+    #: Most class names (hence [SEG] tokens) in one prompt; evaluation chunks longer lists.
+    max_classes: int = 4
+
+
+@dataclass
+class ReferringSegConfig(TextSegConfig):
     #: Longest generated answer at evaluation.
     max_new_tokens: int = 64
 
@@ -90,8 +111,6 @@ class InteractiveSegConfig(SegTaskConfig):
     max_negative: int = 2
     #: Negative clicks lie outside the object within this many voxels of it.
     negative_margin: int = 3
-    #: Each training box side moves by up to this fraction of the object's extent.
-    box_jitter: float = 0.1
     #: Click counts at which evaluation reports Dice (clicks at the largest error region).
     eval_clicks: list[int] = field(default_factory=lambda: [1, 3, 5])
 
@@ -103,9 +122,31 @@ def join_names(names: Sequence[str]) -> str:
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
 
 
-def seg_list(names: Sequence[str]) -> str:
-    """``["a", "b"]`` -> ``"a [SEG], b [SEG]"``: one [SEG] per object, in order."""
-    return ", ".join(f"{n} {SEG_TOKEN}" for n in names)
+def seg_list(names: Sequence[str], boxes: Sequence[str | None] | None = None) -> str:
+    """``["a", "b"]`` -> ``"a [SEG], b [SEG]"``: one [SEG] per object, in order; with ``boxes``
+    (box texts, None for none) each [SEG] follows its object's box: ``"a [0.1, ...] [SEG], b [SEG]"``."""
+    boxes = list(boxes) if boxes is not None else [None] * len(names)
+    if len(boxes) != len(names):
+        raise InputError(f"got {len(names)} object names but {len(boxes)} boxes")
+    return ", ".join(f"{n} {b} {SEG_TOKEN}" if b else f"{n} {SEG_TOKEN}" for n, b in zip(names, boxes))
+
+
+def box_text(mask: np.ndarray) -> str | None:
+    """A model-grid mask's box as answer text (grounding's normalised form); None when empty."""
+    box = normalised_box(mask)
+    return None if box is None else box_to_text(box)
+
+
+def text_box_voxels(text: str, shape: Sequence[int]) -> np.ndarray | None:
+    """The first box written in ``text`` (normalised corners) as inclusive voxel bounds on a grid
+    of ``shape``; None when the text holds no valid box."""
+    box = parse_box_text(text)
+    if box is None:
+        return None
+    size = np.asarray(shape, dtype=np.float64)
+    lo = np.clip(np.rint(box[:3] * size), 0, size - 1)
+    hi = np.clip(np.rint(box[3:] * size) - 1, lo, size - 1)
+    return np.concatenate([lo, hi]).astype(np.int64)
 
 
 def metric_key(name: str) -> str:
@@ -291,6 +332,10 @@ class _SegmentationTask(MedVLTask):
             raise ConfigError(f"config: {path}: loss weights must be non-negative")
         if cfg.nsd_tolerance_mm < 0:
             raise ConfigError(f"config: {path}.nsd_tolerance_mm: must be non-negative")
+        if not 0.0 <= cfg.box_jitter < 1.0:
+            raise ConfigError(f"config: {path}.box_jitter: expected a fraction in [0, 1), got {cfg.box_jitter}")
+        if getattr(cfg, "answer_boxes", False) and cfg.box_tokens < 1:
+            raise ConfigError(f"config: {path}.box_tokens: expected at least 1, got {cfg.box_tokens}")
         for kind, needed in cls.required_fields.items():
             for template in (cfg.prompts or {}).get(kind) or []:
                 if "{" + needed + "}" not in template:
@@ -307,6 +352,10 @@ class _SegmentationTask(MedVLTask):
             raise ConfigError(f"config: model.llm: {name} needs the LLM (its [SEG] tokens prompt the decoder)")
         if self.uses_text and "text" not in model.decoder.accepts:
             raise ConfigError(f"config: model.decoder: {type(model.decoder).__name__} takes no text prompts, which {name} needs")
+        if getattr(self.cfg, "answer_boxes", False) and "boxes" not in model.decoder.accepts:
+            raise ConfigError(
+                f"config: model.decoder: {type(model.decoder).__name__} takes no box prompts, which {name}.answer_boxes needs"
+            )
 
     @property
     def uses_text(self) -> bool:
@@ -408,12 +457,32 @@ class _SegmentationTask(MedVLTask):
             raise InputError(f"object name {name!r} contains a special token ({SEG_TOKEN} or {IMAGE_TOKEN})")
         return name
 
-    def forced_seg(self, model: Any, volume: torch.Tensor, names: Sequence[Sequence[str]]) -> tuple[Any, list[str]]:
-        """Teacher-forced pass whose answer is the forced ``[SEG]`` list: K embeddings per sample."""
+    def forced_seg(
+        self, model: Any, volume: torch.Tensor, names: Sequence[Sequence[str]],
+        boxes: Sequence[Sequence[str | None]] | None = None,
+    ) -> tuple[Any, list[str]]:
+        """Teacher-forced pass whose answer is the forced ``[SEG]`` list (each after its box
+        text, when ``boxes`` are given): K embeddings per sample."""
         prompts = [self.fill("prompt", names=join_names([self._clean(n) for n in ns])) for ns in names]
-        answers = [self.fill("answer", segs=seg_list(ns)) for ns in names]
+        boxes = boxes if boxes is not None else [None] * len(names)
+        answers = [self.fill("answer", segs=seg_list(ns, bs)) for ns, bs in zip(names, boxes)]
         batch = model.trunk.tokenize(prompts, answer_prefix=answers)
         return model.trunk(volume, batch.input_ids, batch.attention_mask), answers
+
+    def _training_boxes(self, rng: np.random.Generator, masks: Sequence[Sequence[np.ndarray]], device: torch.device) -> Prompts:
+        """With ``answer_boxes``: each non-empty target's jittered box as a decoder prompt (an
+        empty target gets none, as its answer writes none); otherwise no prompts."""
+        if not getattr(self.cfg, "answer_boxes", False):
+            return Prompts()
+        objects = [[{"box": jitter_box(m, rng, self.cfg.box_jitter)} if m.any() else {} for m in row] for row in masks]
+        return _object_prompts(objects, device)
+
+    @staticmethod
+    def _text_boxes(texts: Sequence[Sequence[str | None]], shape: Sequence[int], device: torch.device) -> Prompts:
+        """Decoder box prompts ``(B, K, 6)`` from the box each object's text writes (a -1 row
+        where it writes none; no boxes at all when none does)."""
+        objects = [[{"box": text_box_voxels(t, shape) if t else None} for t in row] for row in texts]
+        return _object_prompts(objects, device)
 
     # -- scoring -----------------------------------------------------------------------------
     def metric_targets(
@@ -490,8 +559,10 @@ class SemanticSegTask(_SegmentationTask):
         rng = self._rng()
         values = [self._choose(rng, p, n) for p, n in zip(batch["present"], batch["label_names"])]
         names = [[self._clean(self._name(n, v)) for v in vs] for vs, n in zip(values, batch["label_names"])]
+        masks = [[label == v for v in vs] for label, vs in zip(batch["label"], values)]
+        boxes = [[box_text(m) for m in row] for row in masks] if self.cfg.answer_boxes else [None] * len(names)
         prompts = [self.fill("prompt", names=join_names(ns)) for ns in names]
-        answers = [self.fill("answer", segs=seg_list(ns)) for ns in names]
+        answers = [self.fill("answer", segs=seg_list(ns, bs)) for ns, bs in zip(names, boxes)]
         volume = batch["volume"]
         text = model.trunk.tokenize(prompts, answers)
         out = model.trunk(volume, text.input_ids, text.attention_mask, text.labels)
@@ -499,20 +570,42 @@ class SemanticSegTask(_SegmentationTask):
         if counts != [len(v) for v in values]:
             raise InputError(f"semantic_seg: answers hold {counts} [SEG] tokens, expected {[len(v) for v in values]}")
         target = self.targets(batch["label"], values, volume.device)
-        output = model.decoder(volume, Prompts(text_embeds=out.seg_embeds), out.encoder_output)
+        prompts_dec = self._training_boxes(rng, masks, volume.device)
+        prompts_dec.text_embeds = out.seg_embeds
+        output = model.decoder(volume, prompts_dec, out.encoder_output)
         terms = self._seg_terms(output, target, out.seg_mask)
         terms["lm_loss"] = out.loss
         terms["loss"] = self.cfg.lm_weight * out.loss + self.cfg.seg_weight * terms["seg_loss"]
         return terms
 
+    def _write_boxes(self, model: Any, volume: torch.Tensor, names: Sequence[str]) -> list[str | None]:
+        """Each name's box as the LLM writes it (``answer_boxes``): one prompt per name, the
+        answer forced up to the name and generated from there; None where it writes no box."""
+        head = self.template("answer").split("{segs}")[0]
+        prompts = [self.fill("prompt", names=n) for n in names]
+        gen = model.trunk.generate(
+            volume.expand(len(names), *volume.shape[1:]), prompts,
+            # no trailing space: the answers trained on tokenise the space with the "["
+            answer_prefix=[f"{head}{n}" for n in names], max_new_tokens=self.cfg.box_tokens,
+        )
+        boxes = [parse_box_text(t.split(SEG_TOKEN)[0]) for t in gen.text]
+        return [None if b is None else box_to_text(b) for b in boxes]
+
     def _segment(self, model: Any, volume: torch.Tensor, names: Sequence[str], prompts: Prompts | None = None) -> dict[str, Any]:
-        """Masks for ``names`` with their [SEG]s forced, in chunks of ``max_classes``."""
-        probs, scores, texts = [], [], []
+        """Masks for ``names`` with their [SEG]s forced, in chunks of ``max_classes``; with
+        ``answer_boxes`` each [SEG] follows the box the LLM wrote, which prompts the decoder too
+        (a user's points or box replace it)."""
+        probs, scores, texts, missing = [], [], [], 0
         step = self.cfg.max_classes
+        written = self._write_boxes(model, volume, names) if self.cfg.answer_boxes else None
         for start in range(0, len(names), step):
             chunk = list(names[start : start + step])
-            out, answers = self.forced_seg(model, volume, [chunk])
+            boxes = written[start : start + step] if written else None
+            out, answers = self.forced_seg(model, volume, [chunk], [boxes] if boxes else None)
             extra = _on(prompts, volume.device)
+            if prompts is None and boxes:
+                extra = self._text_boxes([boxes], volume.shape[-3:], volume.device)
+                missing += sum(b is None for b in boxes)
             dec = model.decoder(
                 volume,
                 Prompts(text_embeds=out.seg_embeds, points=extra.points, point_labels=extra.point_labels, boxes=extra.boxes),
@@ -522,7 +615,10 @@ class SemanticSegTask(_SegmentationTask):
             probs.append(p)
             scores += object_scores(dec, p, self.cfg.threshold)
             texts.append(answers[0])
-        return {"masks": torch.cat(probs).cpu().numpy(), "text": " ".join(texts), "names": list(names), "scores": scores}
+        return {
+            "masks": torch.cat(probs).cpu().numpy(), "text": " ".join(texts), "names": list(names), "scores": scores,
+            "boxes_missing": missing,
+        }
 
     def predict_step(self, model: Any, batch: dict[str, Any]) -> list[dict[str, Any]]:
         """Every class present, in label order, scored per class (empty volumes give no scores)."""
@@ -536,13 +632,17 @@ class SemanticSegTask(_SegmentationTask):
                 out = self._segment(model, batch["volume"][i : i + 1], names)
                 targets, spacing = self.metric_targets(sample, record, values)
                 scores = self.score(out["masks"] > self.cfg.threshold, record, targets, spacing, names)
-                result.update({m: scores[m] for m in self._metric_names()}, text=out["text"])
+                result.update({m: scores[m] for m in self._metric_names()}, text=out["text"], boxes_missing=out["boxes_missing"])
             results.append(result)
         return results
 
     def compute_metrics(self, predictions: list[dict[str, Any]]) -> dict[str, float]:
-        """Per class: the mean over cases; ``mean_*``: the mean over classes of those."""
+        """Per class: the mean over cases; ``mean_*``: the mean over classes of those; with
+        ``answer_boxes``, ``box_failure_rate``: the share of objects whose answer wrote no box."""
         out: dict[str, float] = {"num_cases": float(len(predictions))}
+        if self.cfg.answer_boxes:
+            objects = sum(len(p["names"]) for p in predictions if "boxes_missing" in p)
+            out["box_failure_rate"] = sum(p.get("boxes_missing", 0) for p in predictions) / objects if objects else math.nan
         for metric in self._metric_names():
             per_class: dict[str, list[float]] = {}
             for pred in predictions:
@@ -628,18 +728,28 @@ class ReferringSegTask(_SegmentationTask):
         return batch
 
     @staticmethod
-    def with_seg(answer: str) -> str:
-        """The training answer: the dataset's answer with ``[SEG]`` appended when it has none."""
-        return answer if SEG_TOKEN in answer else f"{answer.rstrip()} {SEG_TOKEN}"
+    def with_seg(answer: str, box: str | None = None) -> str:
+        """The training answer: the dataset's answer with ``[SEG]`` appended when it has none,
+        and ``box`` (a box text) written just before its first ``[SEG]``."""
+        answer = answer if SEG_TOKEN in answer else f"{answer.rstrip()} {SEG_TOKEN}"
+        if not box:
+            return answer
+        head, tail = answer.split(SEG_TOKEN, 1)
+        return f"{head.rstrip()} {box} {SEG_TOKEN}{tail}"
 
     def training_step(self, model: Any, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         volume = batch["volume"]
+        rng = self._rng()
+        masks = [[label == 1] for label in batch["label"]]
+        boxes = [box_text(row[0]) if self.cfg.answer_boxes else None for row in masks]
         prompts = [self.fill("prompt", question=q) for q in batch["question"]]
-        text = model.trunk.tokenize(prompts, [self.with_seg(a) for a in batch["answer"]])
+        text = model.trunk.tokenize(prompts, [self.with_seg(a, b) for a, b in zip(batch["answer"], boxes)])
         out = model.trunk(volume, text.input_ids, text.attention_mask, text.labels)
         valid = out.seg_mask[:, :1]  # the first [SEG] of each answer prompts the mask
         target = self.targets(batch["label"], [[1]] * len(batch["label"]), volume.device)
-        output = model.decoder(volume, Prompts(text_embeds=out.seg_embeds[:, :1]), out.encoder_output)
+        prompts_dec = self._training_boxes(rng, masks, volume.device)
+        prompts_dec.text_embeds = out.seg_embeds[:, :1]
+        output = model.decoder(volume, prompts_dec, out.encoder_output)
         terms = self._seg_terms(output, target, valid)
         terms["lm_loss"] = out.loss
         terms["loss"] = self.cfg.lm_weight * out.loss + self.cfg.seg_weight * terms["seg_loss"]
@@ -663,6 +773,9 @@ class ReferringSegTask(_SegmentationTask):
             for j, i in enumerate(missing):
                 embeds[i, 0] = out.seg_embeds[j, 0]
                 texts[i] = texts_missing[j]
+        boxed = [parse_box_text(t.split(SEG_TOKEN)[0]) is not None for t in texts]
+        if extra is None and self.cfg.answer_boxes:  # the box the answer wrote before its [SEG]
+            extra = self._text_boxes([[t.split(SEG_TOKEN)[0]] for t in texts], volume.shape[-3:], volume.device)
         extra = _on(extra, volume.device)
         dec = model.decoder(
             volume,
@@ -670,7 +783,7 @@ class ReferringSegTask(_SegmentationTask):
             model.encoder(volume),
         )
         probs = dec.masks[:, 0].float().sigmoid()
-        return {"probs": probs, "text": texts, "forced": forced, "output": dec}
+        return {"probs": probs, "text": texts, "forced": forced, "boxed": boxed, "output": dec}
 
     def predict_step(self, model: Any, batch: dict[str, Any]) -> list[dict[str, Any]]:
         out = self._answer(model, batch["volume"], batch["question"])
@@ -686,6 +799,7 @@ class ReferringSegTask(_SegmentationTask):
                 "answer": sample["answer"],
                 "text": out["text"][i],
                 "forced": out["forced"][i],
+                "boxed": out["boxed"][i],
                 "question_type": sample.get("question_type"),
                 **{m: scores[m]["target"] for m in self._metric_names()},
             })
@@ -700,6 +814,8 @@ class ReferringSegTask(_SegmentationTask):
         for qtype in types:
             out[f"dice/{metric_key(qtype)}"] = _mean([p["dice"] for p in predictions if str(p.get("question_type")) == qtype])
         out["forced_seg_rate"] = float(np.mean([bool(p["forced"]) for p in predictions])) if predictions else math.nan
+        if self.cfg.answer_boxes:
+            out["box_failure_rate"] = float(np.mean([not p.get("boxed", False) for p in predictions])) if predictions else math.nan
         return out
 
     def infer(
@@ -799,8 +915,6 @@ class InteractiveSegTask(_SegmentationTask):
             raise ConfigError(f"config: {path}.train_prompts: expected a non-empty list of {', '.join(TRAIN_PROMPTS)}, got {list(cfg.train_prompts)}")
         if cfg.max_objects < 1 or cfg.max_positive < 1 or cfg.max_negative < 0 or cfg.negative_margin < 1:
             raise ConfigError(f"config: {path}: max_objects, max_positive and negative_margin must be >= 1, max_negative >= 0")
-        if not 0.0 <= cfg.box_jitter < 1.0:
-            raise ConfigError(f"config: {path}.box_jitter: expected a fraction in [0, 1), got {cfg.box_jitter}")
         if not cfg.eval_clicks or any(c < 1 for c in cfg.eval_clicks):
             raise ConfigError(f"config: {path}.eval_clicks: expected positive click counts, got {list(cfg.eval_clicks)}")
 
