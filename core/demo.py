@@ -46,7 +46,6 @@ def run_demo(
     from medvlsam2.core.config import load_config
     from medvlsam2.core.export import export
     from medvlsam2.core.run import fit
-    from medvlsam2.plugins.tasks.segmentation import metric_key
 
     start = time.time()
     out = Path(out).resolve()
@@ -59,12 +58,13 @@ def run_demo(
     metrics = {k: v for k, v in metrics.items() if k.startswith("test/")}
     manifest = json.loads((out / "data" / "demo.json").read_text())
     large = manifest["datasets"]["brain"]["large_labels"]
-    dices = [metrics[k] for k in (f"test/semantic_seg/dice/{metric_key(n)}" for n in large) if k in metrics]
-    derived = {"semantic_large_dice": float(np.mean(dices)) if dices else float("nan")}
+    derived = _derived(metrics, large)
     model_dir = export(folder / "checkpoints" / "last.ckpt", out / "model")
     pictures = out / "pictures"
     pictures.mkdir(exist_ok=True)
     module = keep["module"].eval()
+    blind = blind_metrics(module)
+    blind_derived = _derived(blind, large)
     images = [*draw_segmentations(module, cfg, manifest, out, pictures), *plot_clicks(metrics, pictures), *plot_training(folder, pictures)]
     wall = time.time() - start
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -77,11 +77,12 @@ def run_demo(
         "date": time.strftime("%Y-%m-%d"),
         "targets": [
             {"what": what, "metric": key, "target": target, "value": _value(metrics, derived, key),
-             "met": bool(_value(metrics, derived, key) >= target)}
+             "met": bool(_value(metrics, derived, key) >= target), "no_image_baseline": _or_none(_value(blind, blind_derived, key))}
             for what, key, target in QUALITY_TARGETS
         ],
         "metrics": metrics,
         "derived": derived,
+        "no_image_baselines": {k: v for k, v in {**blind, **blind_derived}.items() if not np.isnan(v)},
         "run": str(folder),
         "model": str(model_dir),
         "pictures": [str(p) for p in images],
@@ -90,6 +91,28 @@ def run_demo(
     atomic_write_text(out / "results.md", results_markdown(results, cfg))
     atomic_write_text(out / "samples.md", samples_markdown(keep.get("predictions") or {}))
     return out / "results.md"
+
+
+def blind_metrics(module: Any) -> dict[str, float]:
+    """Test metrics of every task's no-image baseline (``blind_predictions``, fitted on the
+    training split): what a score is worth without looking at the volume."""
+    out: dict[str, float] = {}
+    for name, task in module.tasks.items():
+        rows = task.blind_predictions("test", "train")
+        if rows:
+            out.update({f"test/{name}/{k}": float(v) for k, v in task.compute_metrics(rows).items() if k != "num_cases"})
+    return out
+
+
+def _or_none(value: float) -> float | None:
+    return None if np.isnan(value) else value
+
+
+def _derived(metrics: dict[str, float], large: Sequence[str]) -> dict[str, float]:
+    from medvlsam2.plugins.tasks.segmentation import metric_key
+
+    dices = [metrics[k] for k in (f"test/semantic_seg/dice/{metric_key(n)}" for n in large) if k in metrics]
+    return {"semantic_large_dice": float(np.mean(dices)) if dices else float("nan")}
 
 
 def _cores() -> int:
@@ -112,16 +135,21 @@ def results_markdown(results: dict[str, Any], cfg: Any) -> str:
         "",
         "## Quality targets",
         "",
-        "| what | value | target | met |",
-        "|---|---|---|---|",
+        "| what | value | target | met | no-image baseline |",
+        "|---|---|---|---|---|",
     ]
     for t in results["targets"]:
-        lines.append(f"| {t['what']} | {t['value']:.3f} | {t['target']:.2f} | {'yes' if t['met'] else '**no**'} |")
+        lines.append(
+            f"| {t['what']} | {t['value']:.3f} | {t['target']:.2f} | {'yes' if t['met'] else '**no**'} "
+            f"| {_fmt(t.get('no_image_baseline'), 3)} |"
+        )
     missed = [t for t in results["targets"] if not t["met"]]
     if missed:
         lines += ["", f"{len(missed)} of {len(results['targets'])} targets are not met by this run. "
                   "See the README's demo section for what limits them; nothing was tuned on the test split."]
-    lines += ["", "## Every test metric", "", "| task | metric | value | cases |", "|---|---|---|---|"]
+    lines += ["", NO_IMAGE_NOTE]
+    lines += ["", "## Every test metric", "", "| task | metric | value | no-image baseline | cases |", "|---|---|---|---|---|"]
+    blind = results.get("no_image_baselines") or {}
     by_task: dict[str, dict[str, float]] = {}
     for key, value in sorted(results["metrics"].items()):
         _, task, name = key.split("/", 2)
@@ -130,10 +158,25 @@ def results_markdown(results: dict[str, Any], cfg: Any) -> str:
         cases = int(values.get("num_cases", 0))
         for name, value in values.items():
             if name != "num_cases":
-                lines.append(f"| {task} | {name} | {value:.4f} | {cases} |")
+                lines.append(f"| {task} | {name} | {value:.4f} | {_fmt(blind.get(f'test/{task}/{name}'), 4)} | {cases} |")
     lines += ["", "## Pictures", ""] + [f"![{Path(p).stem}](pictures/{Path(p).name})" for p in results["pictures"]]
     lines += ["", f"Run folder: `{results['run']}`; exported model: `{results['model']}`.", ""]
     return "\n".join(lines)
+
+
+NO_IMAGE_NOTE = (
+    "The no-image baseline never looks at the test volume; it is fitted on the training split's answers: "
+    "the training report closest to all the others (reports), the answer most often right for the same "
+    "question (VQA), the mean training box of each structure (grounding), and an atlas of where more "
+    "than half of the training labels have each class (semantic segmentation). A score near it is "
+    "earned by what the cases share, not by reading the image."
+)
+
+
+def _fmt(value: Any, digits: int) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    return f"{float(value):.{digits}f}"
 
 
 def samples_markdown(predictions: dict[str, list[dict[str, Any]]], count: int = 3) -> str:

@@ -73,3 +73,12 @@ class BaseTask(nn.Module):
     def compute_metrics(self, predictions: list[dict[str, Any]]) -> dict[str, float]:  # pragma: no cover
         """Scalar metrics over all predictions of a split."""
         raise NotImplementedError
+
+    def blind_predictions(self, split: str = "test", fit_split: str = "train") -> list[dict[str, Any]] | None:
+        """Optional: predictions on ``split`` of a baseline that never sees the volume, fitted on
+        ``fit_split`` (in ``predict_step``'s form, so ``compute_metrics`` scores them).
+
+        Reported beside the model (the demo's results.md), it shows how much of a score comes from
+        the image rather than from what the training answers share. ``None``: no such baseline.
+        """
+        return None

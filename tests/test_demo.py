@@ -29,8 +29,14 @@ def test_demo_writes_results_samples_pictures_and_a_model(tmp_path):
     assert all(isinstance(t["met"], bool) for t in data["targets"])
     tasks = {key.split("/")[1] for key in data["metrics"]}
     assert {"report_generation", "vqa", "grounding", "semantic_seg", "semantic_seg_2", "referring_seg", "interactive_seg", "alignment"} <= tasks
+    blind = data["no_image_baselines"]
+    for key in ("test/report_generation/rougeL", "test/vqa/closed_accuracy", "test/grounding/rec_acc@0.5", "test/semantic_seg/mean_dice"):
+        assert 0.0 <= blind[key] <= 1.0, key
+    for t in data["targets"]:  # segmentation from a user's box or a description has no such baseline
+        assert t["no_image_baseline"] is None if "interactive" in t["metric"] or "referring" in t["metric"] else 0 <= t["no_image_baseline"] <= 1
     text = results.read_text()
     assert "## Quality targets" in text and "| semantic_seg | dice/brain_stem |" in text
+    assert "| what | value | target | met | no-image baseline |" in text and "The no-image baseline never looks" in text
     assert "## Report, case" in (out / "samples.md").read_text()
     for name in ("semantic_seg.png", "referring_seg.png", "interactive_seg.png", "dice_vs_clicks.png", "training_curves.png"):
         assert (out / "pictures" / name).stat().st_size > 1000, name

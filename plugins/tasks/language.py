@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -132,6 +133,20 @@ class ReportGenerationTask(TrunkTextTask):
         refs = [p["reference"] for p in predictions]
         return score_text(preds, refs, list(self.cfg.text_metrics))
 
+    def blind_predictions(self, split: str = "test", fit_split: str = "train") -> list[dict[str, Any]] | None:
+        """Every report is the training report closest to all the others (highest mean ROUGE-L)."""
+        from medvlsam2.plugins.tasks.metrics import medoid_text
+
+        train = [str(s[self.cfg.text_key]) for s in self.samples(fit_split)]
+        if not train:
+            return None
+        report = medoid_text(train)
+        rows = []
+        for sample in self.samples(split):
+            prompt, answer = self.prompt_and_answer(sample)
+            rows.append({"id": sample["id"], "prompt": prompt, "prediction": report, "reference": answer})
+        return rows
+
 
 # -- VQA ------------------------------------------------------------------------------------------
 @dataclass
@@ -196,3 +211,43 @@ class VQATask(TrunkTextTask):
             scores = score_text([p["prediction"] for p in opened], [p["reference"] for p in opened], list(self.cfg.text_metrics))
             out.update({f"open_{k}": v for k, v in scores.items()})
         return out
+
+    def blind_predictions(self, split: str = "test", fit_split: str = "train") -> list[dict[str, Any]] | None:
+        """The answer most often right in training for the same question, else for its question type.
+
+        A closed question gets the choice whose text was most often the training answer to that
+        question (then to its type; ties go to the first choice): a question-only baseline.
+        """
+        records = self.records(fit_split)
+        if not records:
+            return None
+        counts: dict[tuple[str, str], Counter[str]] = defaultdict(Counter)
+        spelled: dict[str, str] = {}
+        for r in records:
+            answer = _norm(r["answer"])
+            spelled.setdefault(answer, str(r["answer"]).strip())
+            counts[("question", _norm(r["question"]))][answer] += 1
+            counts[("type", str(r.get("question_type", "all")))][answer] += 1
+            counts[("all", "")][answer] += 1
+
+        def ranked(sample: dict[str, Any]) -> list[Counter[str]]:
+            keys = [("question", _norm(sample["question"])), ("type", str(sample.get("question_type", "all"))), ("all", "")]
+            return [counts.get(k, Counter()) for k in keys]
+
+        rows = []
+        for sample in self.samples(split):
+            prompt, reference = self.prompt_and_answer(sample)
+            levels = ranked(sample)
+            if sample["kind"] == "closed":
+                choices = sample["choices"]
+                letter = max(choices, key=lambda c: tuple(level[_norm(choices[c])] for level in levels) + (-ord(c[0]),))
+                prediction = f"{letter}. {choices[letter]}"
+            else:
+                best = next((level.most_common(1)[0][0] for level in levels if level), "")
+                prediction = spelled.get(best, best)
+            rows.append({"id": sample["id"], "prompt": prompt, "prediction": prediction, "reference": reference, **self.extra_fields(sample)})
+        return rows
+
+
+def _norm(text: Any) -> str:
+    return " ".join(str(text).lower().split()).strip(" .")

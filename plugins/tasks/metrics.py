@@ -69,6 +69,28 @@ def rouge(predictions: Sequence[str], references: Sequence[str]) -> dict[str, fl
     }
 
 
+def medoid_text(texts: Sequence[str], limit: int = 100) -> str:
+    """The text with the highest mean ROUGE-L F-measure against the others: the best constant
+    answer a corpus offers (at most ``limit`` evenly spaced texts are compared)."""
+    from rouge_score import rouge_scorer
+
+    pool = [str(t).strip() for t in texts if str(t).strip()]
+    if not pool:
+        raise InputError("metrics: no non-empty text to choose a medoid from")
+    if len(pool) > limit:
+        pool = [pool[int(i)] for i in np.linspace(0, len(pool) - 1, limit).round()]
+    if len(pool) == 1:
+        return pool[0]
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    total = np.zeros(len(pool))
+    for i, a in enumerate(pool):
+        for j in range(i + 1, len(pool)):
+            f = scorer.score(a, pool[j])["rougeL"].fmeasure
+            total[i] += f
+            total[j] += f
+    return pool[int(total.argmax())]
+
+
 def meteor(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus METEOR (pycocoevalcap's METEOR 1.5 jar; needs ``java`` on PATH)."""
     if shutil.which("java") is None:

@@ -654,6 +654,39 @@ class SemanticSegTask(_SegmentationTask):
             out[f"mean_{metric}"] = _mean(list(means.values()))
         return out
 
+    def blind_predictions(self, split: str = "test", fit_split: str = "train") -> list[dict[str, Any]] | None:
+        """An atlas: each class is where more than half of the training labels have it, on the
+        model grid (needs one model grid shape for every volume)."""
+        names_of = lambda sample, values: [self._name(self.object_names(sample), v) for v in values]  # noqa: E731
+        frequency: dict[str, np.ndarray] = {}
+        count = 0
+        for sample in self.samples(fit_split):
+            batch = self.collate([sample])
+            label = batch["label"][0]
+            if count and label.shape != next(iter(frequency.values())).shape:
+                return None
+            count += 1
+            for name, value in zip(names_of(sample, batch["present"][0]), batch["present"][0]):
+                frequency[name] = frequency.get(name, np.zeros(label.shape, np.float32)) + (label == value)
+        if not count:
+            return None
+        rows = []
+        for sample in self.samples(split):
+            batch = self.collate([sample])
+            values, record = batch["present"][0], batch["records"][0]
+            names = names_of(sample, values)
+            row: dict[str, Any] = {"id": sample["id"], "names": names}
+            if values:
+                shape = batch["label"][0].shape
+                pred = np.stack([frequency.get(n, np.zeros(shape, np.float32)) / count > 0.5 for n in names])
+                if pred.shape[1:] != shape:
+                    return None
+                targets, spacing = self.metric_targets(sample, record, values)
+                scores = self.score(pred, record, targets, spacing, names)
+                row.update({m: scores[m] for m in self._metric_names()})
+            rows.append(row)
+        return rows
+
     def infer(
         self,
         model: Any,
