@@ -22,7 +22,7 @@ trainer: {precision: 32-true}
 def test_demo_writes_results_samples_pictures_and_a_model(tmp_path):
     override = tmp_path / "tiny_models.yaml"
     override.write_text(TINY_MODELS)
-    results = run_demo(tmp_path / "demo", quick=True, configs=[override], overrides=["stages.2.max_steps=3"])
+    results = run_demo(tmp_path / "demo", quick=True, configs=[override], overrides=["stages.3.max_steps=3"])
     out = results.parent
     data = json.loads((out / "results.json").read_text())
     assert [t["metric"] for t in data["targets"]] == [key for _, key, _ in QUALITY_TARGETS]

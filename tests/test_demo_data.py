@@ -319,7 +319,7 @@ def test_deterministic_for_a_seed(tmp_path: Path) -> None:
     assert _digest(a)["brain/imagesTr/brain_000.nii.gz"] != _digest(c).get("brain/imagesTr/brain_000.nii.gz")
 
 
-def test_reuses_a_build_and_refuses_foreign_folders(tmp_path: Path) -> None:
+def test_reuses_a_build_and_refuses_foreign_folders(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
@@ -328,6 +328,8 @@ def test_reuses_a_build_and_refuses_foreign_folders(tmp_path: Path) -> None:
     manifest = demo_data.build_demo_data(tmp_path / "d", num_cases=2, num_ct_cases=0)
     stamp = manifest.stat().st_mtime_ns
     assert demo_data.build_demo_data(tmp_path / "d", num_cases=2, num_ct_cases=0).stat().st_mtime_ns == stamp
+    assert "rebuilding" not in caplog.text
     rebuilt = demo_data.build_demo_data(tmp_path / "d", num_cases=3, num_ct_cases=0)
     assert json.loads(rebuilt.read_text())["datasets"]["brain"]["counts"]["cases"] == 3
+    assert f"demo data: rebuilding {tmp_path / 'd'} (num_cases 2 -> 3)" in caplog.text  # a different build is said so
     assert not (tmp_path / "d" / "ct").exists()

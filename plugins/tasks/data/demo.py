@@ -28,6 +28,7 @@ import csv
 import functools
 import importlib.util
 import json
+import logging
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,8 @@ from typing import Any
 import numpy as np
 
 from medvlsam2.core.errors import ConfigError, InputError
+
+log = logging.getLogger(__name__)
 
 MANIFEST = "demo.json"
 MANIFEST_VERSION = 1
@@ -971,6 +974,9 @@ def build_demo_data(
             previous = {}
         if not force and previous.get("version") == MANIFEST_VERSION and previous.get("parameters") == parameters:
             return manifest_path
+        old = previous.get("parameters") or {}
+        changed = ", ".join(f"{k} {old.get(k)} -> {v}" for k, v in parameters.items() if old.get(k) != v)
+        log.warning("demo data: rebuilding %s (%s)", out, "forced" if force else changed or "older build version")
         for key in ("brain", "ct"):
             if (out / key).is_dir():
                 shutil.rmtree(out / key)
