@@ -52,6 +52,10 @@ class EncoderSegTask(MedVLTask):
         if cfg.pos_weight <= 0:
             raise ConfigError(f"config: {path}.pos_weight: expected a positive weight, got {cfg.pos_weight}")
 
+    def __init__(self, cfg: Any) -> None:
+        super().__init__(cfg)
+        self._masks: dict[tuple[str, str], np.ndarray] = {}
+
     def configure_heads(self, model: Any) -> None:
         if getattr(model, "encoder", None) is None:
             raise ConfigError("config: model.encoder: encoder_seg needs a volume encoder")
@@ -63,12 +67,20 @@ class EncoderSegTask(MedVLTask):
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         volume, records = self.stack_volumes(samples)
-        masks = []
-        for sample, record in zip(samples, records):
+        masks = np.stack([self._class_masks(s, r) for s, r in zip(samples, records)])
+        return {"volume": volume, "masks": torch.from_numpy(masks).float(), "samples": samples}
+
+    def _class_masks(self, sample: dict[str, Any], record: Any) -> np.ndarray:
+        """``(K, D, H, W)`` masks of ``classes`` on the model grid (cached with the volumes)."""
+        key = (str(sample["label"]), str(sample["image"]))
+        if key not in self._masks:
             label = self.label_on_model_grid(sample, record)
             values = {str(name): int(value) for value, name in (sample.get("labels") or {}).items()}
-            masks.append(np.stack([label == values[c] if c in values else np.zeros(label.shape, bool) for c in self.cfg.classes]))
-        return {"volume": volume, "masks": torch.from_numpy(np.stack(masks)).float(), "samples": samples}
+            masks = np.stack([label == values[c] if c in values else np.zeros(label.shape, bool) for c in self.cfg.classes])
+            if not self.cfg.cache_volumes:
+                return masks
+            self._masks[key] = masks
+        return self._masks[key]
 
     # -- steps -------------------------------------------------------------------------------
     def _scores_and_targets(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:

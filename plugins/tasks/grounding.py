@@ -14,6 +14,7 @@ sample per named structure present, description "the {name}") or a referring sam
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -131,7 +132,7 @@ class GroundingTask(TrunkTextTask):
         description of the training box that overlaps the prompt's box most."""
         from medvlsam2.plugins.tasks.metrics import box_iou_3d
 
-        fitted = [(s, b) for s, b in self._with_boxes(self.samples(fit_split)) if b is not None]
+        fitted = [(s, b) for s, _, _, b in self._collated(self.samples(fit_split)) if b is not None]
         if not fitted:
             return None
         by_text: dict[str, list[np.ndarray]] = {}
@@ -139,29 +140,21 @@ class GroundingTask(TrunkTextTask):
             by_text.setdefault(sample["description"], []).append(box)
         every = np.stack([b for _, b in fitted])
         rows = []
-        for sample, box in self._with_boxes(self.samples(split)):
+        for sample, prompt, answer, box in self._collated(self.samples(split)):
             if sample["kind"] == "rec":
-                prior = np.mean(by_text.get(sample["description"], every), axis=0)
-                prompt = self.template("rec").format(description=sample["description"])
-                prediction, reference = box_to_text(prior), box_to_text(box) if box is not None else "Not present."
+                prediction = box_to_text(np.mean(by_text.get(sample["description"], every), axis=0))
             else:
                 nearest = int(box_iou_3d(every, np.repeat(box[None], len(every), 0)).argmax()) if box is not None else 0
-                prompt = self.template("reg").format(box=box_to_text(box) if box is not None else "[]")
-                prediction, reference = fitted[nearest][0]["description"], sample["description"]
-            rows.append({"id": sample["id"], "prompt": prompt, "prediction": prediction, "reference": reference,
+                prediction = fitted[nearest][0]["description"]
+            rows.append({"id": sample["id"], "prompt": prompt, "prediction": prediction, "reference": answer,
                          "kind": sample["kind"], "target_box": box})
         return rows
 
-    def _with_boxes(self, samples: list[dict[str, Any]]) -> list[tuple[dict[str, Any], np.ndarray | None]]:
-        """Each sample with its target box on the model grid (one preprocessing per volume)."""
-        records: dict[str, Any] = {}
-        out = []
-        for sample in samples:
-            key = str(sample["image"])
-            if key not in records:
-                records[key] = self.load_image(sample)[1]
-            out.append((sample, self._target_box(sample, records[key])))
-        return out
+    def _collated(self, samples: list[dict[str, Any]], chunk: int = 16) -> Iterator[tuple[dict[str, Any], str, str, np.ndarray | None]]:
+        """``(sample, prompt, answer, target box)`` of each sample, through ``collate``."""
+        for start in range(0, len(samples), chunk):
+            batch = self.collate(samples[start : start + chunk])
+            yield from zip(batch["samples"], batch["prompts"], batch["answers"], batch["boxes"])
 
     def compute_metrics(self, predictions: list[dict[str, Any]]) -> dict[str, float]:
         from medvlsam2.plugins.tasks.metrics import box_iou_3d

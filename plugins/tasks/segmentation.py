@@ -657,7 +657,9 @@ class SemanticSegTask(_SegmentationTask):
     def blind_predictions(self, split: str = "test", fit_split: str = "train") -> list[dict[str, Any]] | None:
         """An atlas: each class is where more than half of the training labels have it, on the
         model grid (needs one model grid shape for every volume)."""
-        names_of = lambda sample, values: [self._name(self.object_names(sample), v) for v in values]  # noqa: E731
+        def names_of(sample: dict[str, Any], values: list[int]) -> list[str]:
+            return [self._name(self.object_names(sample), v) for v in values]
+
         frequency: dict[str, np.ndarray] = {}
         count = 0
         for sample in self.samples(fit_split):
