@@ -44,13 +44,27 @@ def volumes_of(source: str | Path) -> list[Path]:
     if not path.exists():
         raise InputError(f"--volume: file not found: {path}")
     if path.suffix == ".json":
-        data = json.loads(path.read_text())
-        items = data if isinstance(data, list) else next((v for v in data.values() if isinstance(v, list)), [])
-        images = [i["image"] if isinstance(i, dict) else i for i in items]
-        return [(path.parent / i) for i in images]
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise InputError(f"--volume: {path}: not a valid JSON datalist ({err})") from err
+        items = data if isinstance(data, list) else next((v for v in data.values() if isinstance(v, list)), []) if isinstance(data, dict) else []
+        images = []
+        for n, item in enumerate(items):
+            image = item.get("image") if isinstance(item, dict) else item
+            if not isinstance(image, str) or not image:
+                raise InputError(f"--volume: {path}: entry {n} has no 'image' path")
+            images.append(path.parent / image)
+        return _listed(images, path)
     if path.suffix == ".txt":
-        return [path.parent / line.strip() for line in path.read_text().splitlines() if line.strip()]
+        return _listed([path.parent / line.strip() for line in path.read_text().splitlines() if line.strip()], path)
     return [path]
+
+
+def _listed(images: list[Path], datalist: Path) -> list[Path]:
+    if not images:
+        raise InputError(f"--volume: {datalist} lists no volume")
+    return images
 
 
 def _case_name(path: Path) -> str:
@@ -59,6 +73,24 @@ def _case_name(path: Path) -> str:
         if name.lower().endswith(suffix):
             return name[: -len(suffix)]
     return path.stem
+
+
+def case_folders(volumes: list[Path]) -> list[str]:
+    """One distinct output folder name per volume: the file name without its suffix, with the
+    parent folder's name in front when two volumes share a name (``p1/t1.nii.gz``,
+    ``p2/t1.nii.gz`` -> ``p1_t1``, ``p2_t1``), and a number after any name still taken."""
+    names = [_case_name(p) for p in volumes]
+    shared = {n for n in names if names.count(n) > 1}
+    names = [f"{p.parent.name}_{n}" if n in shared and p.parent.name else n for p, n in zip(volumes, names)]
+    taken: set[str] = set()
+    out = []
+    for name in names:
+        unique, k = name, 2
+        while unique in taken:
+            unique, k = f"{name}_{k}", k + 1
+        taken.add(unique)
+        out.append(unique)
+    return out
 
 
 def prompts_to_model(
@@ -210,6 +242,9 @@ def predict(model: str | Path, source: str | Path, request: Request, out: str | 
     if request.box:
         parse_box(request.box)
     volumes = volumes_of(source)
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out: {out} is a file; give a folder for the results")
     if len(volumes) == 1:  # a bad file or prompt fails before the model loads
         shape = check_volume(volumes[0])
         points = parse_points(request.points) if request.points else ()
@@ -220,20 +255,25 @@ def predict(model: str | Path, source: str | Path, request: Request, out: str | 
     module, cfg, metadata = load_module(model)
     task = module.tasks[request.task]
     preprocess_cfg = preprocess_config_of(request.task, task, metadata)
-    out = Path(out)
     failed = 0
-    for path in volumes:
-        target = out if len(volumes) == 1 else out / _case_name(path)
+    targets = [out] if len(volumes) == 1 else [out / name for name in case_folders(volumes)]
+    for path, target in zip(volumes, targets):
         try:
             answer = predict_one(module, task, preprocess_cfg, path, request, target)
             print(f"{path}: {answer.get('mask') or answer.get('text')}")
-        except (MedVLError, MemoryError, torch.OutOfMemoryError) as err:
+        except Exception as err:
             oom = isinstance(err, (MemoryError, torch.OutOfMemoryError))
-            message = "out of memory (try a smaller preprocess.spatial_size)" if oom else str(err)
             if len(volumes) == 1:
                 if oom:
-                    raise InputError(f"{path}: {message}") from err
+                    raise InputError(f"{path}: out of memory (try a smaller preprocess.spatial_size)") from err
                 raise
+            # Over many volumes one bad case must not cost the others: report it and go on.
+            if oom:
+                message = "out of memory (try a smaller preprocess.spatial_size)"
+            elif isinstance(err, MedVLError):
+                message = str(err)
+            else:
+                message = f"internal error: {type(err).__name__}: {err}"
             failed += 1
             print(f"medvlsam2: case {path} failed: {message}", file=sys.stderr)
     if len(volumes) > 1:

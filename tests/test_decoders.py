@@ -368,7 +368,7 @@ def test_frozen_image_features_are_cached_across_calls_per_volume():
         decoder(other, prompts)
     spanned = int(box_of(mask)[0, 0, 3] - box_of(mask)[0, 0, 0]) + 1  # slices outside the box are skipped
     assert encoded == spanned and len(calls) == 2 * spanned  # a new volume is encoded afresh
-    assert torch.allclose(first, second, atol=1e-2)
+    assert torch.equal(first, second)  # the first pass already uses the cached (bfloat16) features
     off = hiera(image_size=64).eval()
     with torch.no_grad():
         off(volume, prompts)

@@ -333,3 +333,22 @@ def test_reuses_a_build_and_refuses_foreign_folders(tmp_path: Path, caplog: pyte
     assert json.loads(rebuilt.read_text())["datasets"]["brain"]["counts"]["cases"] == 3
     assert f"demo data: rebuilding {tmp_path / 'd'} (num_cases 2 -> 3)" in caplog.text  # a different build is said so
     assert not (tmp_path / "d" / "ct").exists()
+
+
+def test_demo_limits_benchmark_trains_specialists_on_train_and_scores_validation(built: Path, tmp_path: Path) -> None:
+    import runpy
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "demo_limits.py"))
+    out = tmp_path / "limits.json"
+    result = script["main"](["--data", str(built), "--size", "4", "32", "32", "--structure-steps", "2",
+                             "--lesion-steps", "2", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    info = json.loads((built / "demo.json").read_text())["datasets"]["brain"]
+    assert result["train_cases"] == len(info["splits"]["train"])
+    assert result["validation_cases"] == len(info["splits"]["validation"])
+    assert set(result["structures"]["dice"]) == set(info["large_labels"])
+    assert all(np.isnan(v) or 0.0 <= v <= 1.0 for v in result["structures"]["dice"].values())
+    assert result["visibility"]["voxels_in_volume"] == 4 * 32 * 32
+    assert 0 <= result["visibility"]["cases_whose_lesion_vanishes"] <= result["validation_cases"]
+    with pytest.raises(SystemExit, match="demo.json not found; build one with"):
+        script["main"](["--data", str(tmp_path)])

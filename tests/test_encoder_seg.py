@@ -98,6 +98,20 @@ def test_the_encoder_learns_where_a_class_is(root, tmp_path):
     assert after["mean_auroc"] == after["auroc/spot"]
 
 
+def test_presence_auroc_tells_seeing_a_class_from_knowing_where_it_tends_to_be(root):
+    task = build("tasks", "encoder_seg", {"data": data(root), "classes": ["lesion"]})
+    present = [np.array([[1], [0], [0], [0]], bool)] * 2 + [np.zeros((4, 1), bool)] * 2  # 2 of 4 volumes
+    prior = np.array([[1.0], [0.0], [0.0], [0.0]])  # the same map for every volume
+    blind = task.compute_metrics([{"scores": prior, "present": p} for p in present])
+    assert blind["auroc/lesion"] == pytest.approx(26 / 28)  # 2 hits; 2 of 14 negatives tie with them
+    assert blind["presence_auroc/lesion"] == 0.5 and blind["mean_presence_auroc"] == 0.5
+    seeing = [prior * (1.0 if p.any() else 0.5) for p in present]
+    sees = task.compute_metrics([{"scores": s, "present": p} for s, p in zip(seeing, present)])
+    assert sees["presence_auroc/lesion"] == 1.0 and sees["auroc/lesion"] == 1.0
+    anatomy = task.compute_metrics([{"scores": prior, "present": np.ones((4, 1), bool) & (prior > 0)}] * 2)
+    assert "presence_auroc/lesion" not in anatomy and np.isnan(anatomy["mean_presence_auroc"])
+
+
 def test_bad_options_name_the_path(root, tmp_path):
     with pytest.raises(ConfigError, match=r"config: tasks\[0\].classes: name the label classes"):
         module_for(root, tmp_path)

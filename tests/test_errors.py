@@ -126,6 +126,13 @@ def predict(env, volume: str, *extra: str, text: str = "Which side is the lesion
     return ["predict", "--model", str(env["ckpt"]), "--volume", str(where), "--task", "vqa", "--text", text, "--out", str(out), *extra]
 
 
+def datalist(env, name: str, text: str) -> list[str]:
+    """``predict`` over a datalist file ``name`` holding ``text``."""
+    path = env["root"] / name
+    path.write_text(text)
+    return predict(env, "case4.nii.gz")[:4] + [str(path), *predict(env, "case4.nii.gz")[5:]]
+
+
 def evaluate_on(env, root_name: str, fmt: str = "m3d_vqa", task: str = "vqa", extra: str = VQA) -> list[str]:
     config = run_config(env["root"] / root_name, task_yaml(env["bad"][root_name], fmt, task, extra))
     return ["test", "--config", str(config)]
@@ -150,6 +157,14 @@ CATALOGUE = {
     "negative-label": (lambda e: predict(e, "case4.nii.gz", "--points", "1,2,3,-1"), ["--points: '1,2,3,-1': label must be 1 (foreground) or 0 (background), got -1"]),
     "empty-text": (lambda e: predict(e, "case4.nii.gz", text="   "), ["--text: empty prompt"]),
     "long-text": (lambda e: predict(e, "case4.nii.gz", text="x" * 2001), ["--text: prompt is 2001 characters; the limit is 2000"]),
+    "vqa-no-question": (lambda e: [a for a in predict(e, "case4.nii.gz") if a not in ("--text", "Which side is the lesion on?")],
+                        ["vqa: pass the question as text"]),
+    "out-is-file": (lambda e: [*predict(e, "case4.nii.gz")[:-2], "--out", str(e["data"] / "case4.nii.gz")],
+                    ["--out:", "case4.nii.gz is a file; give a folder for the results"]),
+    "datalist-not-json": (lambda e: datalist(e, "list.json", '{"test": ['), ["--volume:", "list.json: not a valid JSON datalist"]),
+    "datalist-no-image": (lambda e: datalist(e, "noimage.json", '{"test": [{"label": "x.nii.gz"}]}'),
+                          ["noimage.json: entry 0 has no 'image' path"]),
+    "datalist-empty": (lambda e: datalist(e, "empty.txt", "\n"), ["--volume:", "empty.txt lists no volume"]),
     # names
     "unknown-task": (lambda e: [*predict(e, "case4.nii.gz"), "--task", "vq"], ["--task: the model has no task 'vq' (did you mean 'vqa'?)"]),
     "unknown-task-plugin": (lambda e: ["config", "--config", str(e["config"]), "tasks.0.name=vqaa"], ["config: tasks[0].name: unknown task 'vqaa' (did you mean 'vqa'?)"]),

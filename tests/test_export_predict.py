@@ -130,6 +130,48 @@ def test_predict_over_a_folder_keeps_going_after_a_bad_case(trained, tmp_path):
     assert "2 of 3 volumes done" in result.stdout
 
 
+def test_predict_datalist_keeps_same_named_cases_apart_and_checks_questions_and_out(trained, tmp_path):
+    cfg, folder, out, data = trained
+    import shutil
+
+    for patient in ("p1", "p2"):
+        (tmp_path / patient).mkdir()
+        shutil.copy(data / "case4.nii.gz", tmp_path / patient / "t1.nii.gz")
+    datalist = tmp_path / "list.json"
+    datalist.write_text(json.dumps({"test": [{"image": "p1/t1.nii.gz"}, {"image": "p2/t1.nii.gz"}]}))
+    base = [sys.executable, "-m", "medvlsam2", "predict", "--model", str(out), "--task", "vqa"]
+    result = subprocess.run(base + ["--volume", str(datalist), "--text", "Which side?", "--out", str(tmp_path / "many")],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-1500:]
+    answers = [json.loads((tmp_path / "many" / name / "answer.json").read_text()) for name in ("p1_t1", "p2_t1")]
+    assert [a["volume"] for a in answers] == [str(tmp_path / "p1" / "t1.nii.gz"), str(tmp_path / "p2" / "t1.nii.gz")]
+    for args, message in [
+        (["--volume", str(data / "case4.nii.gz"), "--out", str(tmp_path / "q")], "vqa: pass the question as text"),
+        (["--volume", str(data / "case4.nii.gz"), "--text", "Which side?", "--out", str(datalist)],
+         f"--out: {datalist} is a file"),
+    ]:
+        result = subprocess.run(base + args, capture_output=True, text=True, timeout=300)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1 and message in lines[0], result.stderr[-1500:]
+
+
+def test_datalist_mistakes_name_the_file_and_entry(tmp_path):
+    from medvlsam2.core.predict import case_folders, volumes_of
+
+    cases = [("{\"test\": [", "not a valid JSON datalist"), ('{"test": [{"label": "x.nii.gz"}]}', "entry 0 has no 'image' path"),
+             ('{"test": []}', "lists no volume"), ('{"name": "no list"}', "lists no volume")]
+    for n, (text, message) in enumerate(cases):
+        path = tmp_path / f"list{n}.json"
+        path.write_text(text)
+        with pytest.raises(InputError, match=rf"--volume: {path}: {message}|--volume: {path} {message}"):
+            volumes_of(path)
+    (tmp_path / "empty.txt").write_text("\n \n")
+    with pytest.raises(InputError, match="empty.txt lists no volume"):
+        volumes_of(tmp_path / "empty.txt")
+    paths = [tmp_path / p for p in ("a/t1.nii.gz", "b/t1.nii.gz", "x/c.nrrd", "x/c.nii", "a/t1.nii.gz", "d.nii.gz")]
+    assert case_folders(paths) == ["a_t1", "b_t1", "x_c", "x_c_2", "a_t1_2", "d"]
+
+
 def test_test_command_scores_an_export_folder_like_its_checkpoint(trained):
     from medvlsam2.core.run import evaluate
 

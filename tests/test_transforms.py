@@ -205,3 +205,14 @@ def test_nan_and_constant(tmp_path: Path) -> None:
         preprocess(_write(tmp_path / "nan.nii.gz", data))
     with pytest.raises(InputError, match=r"flat.nii.gz: volume is constant"):
         preprocess(_write(tmp_path / "flat.nii.gz", np.full((8, 8, 8), 7.0, np.float32)))
+
+
+def test_mri_volume_with_almost_every_voxel_equal_keeps_its_field_of_view(tmp_path: Path) -> None:
+    """The 0.5-99.5 percentile range of such a volume is empty; scaling falls back to min-max
+    instead of mapping every voxel to 0 and cropping the foreground to nothing."""
+    data = np.full((40, 40, 20), 100, np.int16)
+    data[18:21, 18:21, 9:11] = 0  # 18 of 32000 voxels differ
+    volume, record = preprocess(_write(tmp_path / "almost_flat.nii.gz", data), get_preset("mri", spatial_size=(20, 40, 40)))
+    assert volume.shape == (1, 20, 40, 40) and record.grid_shape == (40, 40, 20)
+    assert float(volume.max()) == 1.0 and float(volume.min()) == 0.0
+    assert restore(np.ones((1, 20, 40, 40), np.uint8), record).shape == (1, 40, 40, 20)

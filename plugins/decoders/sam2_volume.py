@@ -292,12 +292,16 @@ class SAM2VolumeDecoder(MaskDecoder):
                 fpn = [top]
                 top_pos = None
         if key is not None:
-            self._feature_cache[key] = (
+            cached = (
                 [x.detach().to(torch.bfloat16) for x in fpn],
                 None if top_pos is None else top_pos.detach().to(torch.bfloat16),
             )
+            self._feature_cache[key] = cached
             while len(self._feature_cache) > self._cache_limit:
                 self._feature_cache.popitem(last=False)
+            # The first pass uses what later passes will read, so one slice always gives one mask.
+            fpn = [x.to(norm.device, torch.float32) for x in cached[0]]
+            top_pos = None if cached[1] is None else cached[1].to(norm.device, torch.float32)
         return fpn, top_pos
 
     @property

@@ -7,9 +7,19 @@ it sits beside the language tasks: the tokens the LLM reads learn where things a
 voxel of a label map instead of from a few answer words.
 
 Data: any reader whose samples carry a ``label`` map with named labels (``nifti_json``).
-Metric: per class, the AUROC of the token scores against "the token holds some of the class"
-(``auroc/<class>``) and their mean (``mean_auroc``); a class absent from every evaluated token,
-or present in all of them, has no AUROC and is left out.
+Metrics, per class:
+
+* ``auroc/<class>``: the AUROC of the token scores against "the token holds some of the class",
+  and their mean ``mean_auroc``. It rewards knowing *where a class tends to be* as much as
+  seeing it: a head that scores the same map for every volume reaches a high token AUROC for a
+  lesion that usually sits in the same few tokens.
+* ``presence_auroc/<class>``: whether the class is *seen* — the AUROC of each volume's highest
+  token score against "the volume holds the class", for classes present in some evaluated
+  volumes and absent from others (lesions, not anatomy present in every case); their mean is
+  ``mean_presence_auroc``. A location prior scores 0.5 here.
+
+A class absent from every evaluated token (volume), or present in all of them, has no AUROC and
+is left out.
 """
 
 from __future__ import annotations
@@ -106,14 +116,31 @@ class EncoderSegTask(MedVLTask):
         ]
 
     def compute_metrics(self, predictions: list[dict[str, Any]]) -> dict[str, float]:
-        from torchmetrics.functional.classification import binary_auroc
+        tokens = _aurocs(
+            np.concatenate([p["scores"] for p in predictions]), np.concatenate([p["present"] for p in predictions]),
+            self.cfg.classes, "auroc",
+        )
+        volumes = _aurocs(
+            np.stack([p["scores"].max(axis=0) for p in predictions]),
+            np.stack([p["present"].any(axis=0) for p in predictions]),
+            self.cfg.classes, "presence_auroc",
+        )
+        return {
+            **tokens,
+            "mean_auroc": float(np.mean(list(tokens.values()))) if tokens else float("nan"),
+            **volumes,
+            "mean_presence_auroc": float(np.mean(list(volumes.values()))) if volumes else float("nan"),
+        }
 
-        scores = np.concatenate([p["scores"] for p in predictions])
-        present = np.concatenate([p["present"] for p in predictions])
-        out: dict[str, float] = {}
-        for k, name in enumerate(self.cfg.classes):
-            if 0 < present[:, k].sum() < len(present):
-                out[f"auroc/{metric_key(name)}"] = float(binary_auroc(torch.from_numpy(scores[:, k]), torch.from_numpy(present[:, k]).long()))
-        values = list(out.values())
-        out["mean_auroc"] = float(np.mean(values)) if values else float("nan")
-        return out
+
+def _aurocs(scores: np.ndarray, present: np.ndarray, classes: Sequence[str], prefix: str) -> dict[str, float]:
+    """``{prefix/<class>: AUROC}`` of ``scores`` ``(N, K)`` against ``present`` ``(N, K)``, where defined."""
+    from torchmetrics.functional.classification import binary_auroc
+
+    return {
+        f"{prefix}/{metric_key(name)}": float(
+            binary_auroc(torch.from_numpy(scores[:, k]).float(), torch.from_numpy(present[:, k]).long())
+        )
+        for k, name in enumerate(classes)
+        if 0 < present[:, k].sum() < len(present)
+    }

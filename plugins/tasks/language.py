@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from medvlsam2.core.errors import ConfigError
+from medvlsam2.core.errors import ConfigError, InputError
 from medvlsam2.plugins.tasks.base import MedVLTask, TaskConfig
 
 TEXT_METRICS = ("bleu", "rouge", "meteor", "bertscore")
@@ -117,8 +117,6 @@ class ReportGenerationTask(TrunkTextTask):
     }
 
     def samples(self, split: str) -> list[dict[str, Any]]:
-        from medvlsam2.core.errors import InputError
-
         records = self.records(split)
         for r in records:
             if not str(r.get(self.cfg.text_key) or "").strip():
@@ -168,6 +166,12 @@ class VQATask(TrunkTextTask):
         "closed": ["{question} Answer with the letter and text of one choice."],
         "open": ["{question}"],
     }
+
+    @torch.no_grad()
+    def infer(self, model: Any, volume: torch.Tensor, *, text: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        if not text:
+            raise InputError("vqa: pass the question as text (e.g. --text 'Is there a lesion?')")
+        return super().infer(model, volume, text=text, **kwargs)
 
     @classmethod
     def check_config(cls, cfg: Any, path: str = "task") -> None:

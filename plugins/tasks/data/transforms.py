@@ -246,7 +246,7 @@ def _apply(matrix: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return (homogeneous @ matrix.T)[:, :3]
 
 
-def _spatial_transforms(cfg: PreprocessConfig, grid_size: tuple[int, int, int] | None) -> list[Any]:
+def _spatial_transforms(cfg: PreprocessConfig, grid_size: tuple[int, int, int] | None, crop: bool = True) -> list[Any]:
     import monai.transforms as mt
 
     ops: list[Any] = []
@@ -254,7 +254,7 @@ def _spatial_transforms(cfg: PreprocessConfig, grid_size: tuple[int, int, int] |
         ops.append(mt.Orientation(axcodes=cfg.axcodes, labels=None))
     if cfg.pixdim:
         ops.append(mt.Spacing(pixdim=cfg.pixdim, mode="bilinear"))
-    if cfg.crop_foreground:
+    if cfg.crop_foreground and crop:
         threshold = cfg.foreground_threshold
         ops.append(
             mt.CropForeground(select_fn=lambda x: x > threshold, margin=cfg.crop_margin, allow_smaller=True)
@@ -332,8 +332,16 @@ def preprocess(
     image = volume.float().unsqueeze(0)
     intensity = _intensity(cfg)
     if intensity is not None:
-        image = intensity(image)
-    spatial = mt.Compose(_spatial_transforms(cfg, grid_size))
+        scaled = intensity(image)
+        if cfg.intensity == "mri" and not bool((scaled > 0).any()):
+            # Nearly every voxel shares one value, so the percentile range is empty: scale by
+            # the volume's full range instead of mapping everything to 0.
+            log.info("%s: percentile range is empty (almost every voxel is equal); scaled by min-max instead", where)
+            scaled = mt.ScaleIntensity(minv=0.0, maxv=1.0)(image)
+        image = scaled
+    # Nothing above the threshold would crop to an empty volume: keep the whole field of view.
+    crop = bool((image > cfg.foreground_threshold).any()) if cfg.crop_foreground else False
+    spatial = mt.Compose(_spatial_transforms(cfg, grid_size, crop))
     out = spatial(image)
     if grid_size is not None and cfg.resize_mode == "resize":
         factor = math.prod(original_shape) / max(1, math.prod(grid_size))
