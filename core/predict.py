@@ -19,8 +19,7 @@ import numpy as np
 from medvlsam2.core.checkpoint import atomic_write_text
 from medvlsam2.core.errors import InputError, MedVLError, did_you_mean
 from medvlsam2.core.prompts import check_inside, check_text, parse_box, parse_points
-
-VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
+from medvlsam2.plugins.tasks.data.transforms import VOLUME_SUFFIXES
 
 
 @dataclass
@@ -39,7 +38,7 @@ def volumes_of(source: str | Path) -> list[Path]:
     if path.is_dir():
         found = sorted(p for p in path.iterdir() if p.name.lower().endswith(VOLUME_SUFFIXES))
         if not found:
-            raise InputError(f"--volume: no NIfTI/NRRD volume in folder {path}")
+            raise InputError(f"--volume: no volume ({', '.join(VOLUME_SUFFIXES)}) in folder {path}")
         return found
     if not path.exists():
         raise InputError(f"--volume: file not found: {path}")
@@ -198,15 +197,19 @@ def write_overlays(volume_path: Path, label_map: np.ndarray, out: Path) -> list[
 
     from medvlsam2.plugins.tasks.data.transforms import read_volume
 
-    image = np.asarray(read_volume(volume_path))
+    volume = read_volume(volume_path)
+    image = np.asarray(volume)
+    spacing = np.linalg.norm(np.asarray(volume.affine, dtype=np.float64)[:3, :3], axis=0)
     files = []
     for axis, name in enumerate(("i", "j", "k")):
+        across, up = (a for a in range(3) if a != axis)
         area = (label_map > 0).sum(axis=tuple(a for a in range(3) if a != axis))
         index = int(area.argmax()) if area.any() else image.shape[axis] // 2
         img = np.take(image, index, axis=axis)
         lab = np.take(label_map, index, axis=axis)
         fig, ax = plt.subplots(figsize=(4, 4), dpi=100)
-        ax.imshow(img.T, cmap="gray", origin="lower")
+        # Pixels drawn at the voxel's physical proportions (a 0.7 x 5 mm voxel is 7 times taller).
+        ax.imshow(img.T, cmap="gray", origin="lower", aspect=float(spacing[up] / spacing[across]))
         if lab.any():
             ax.contour(lab.T > 0, levels=[0.5], colors="red", linewidths=1.0, origin="lower")
         ax.set_title(f"{name} = {index}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -180,3 +181,23 @@ def test_test_command_scores_an_export_folder_like_its_checkpoint(trained):
     from_ckpt = evaluate(cfg, folder / "checkpoints" / "last.ckpt", split="test")
     assert from_export["test/vqa/num_cases"] == from_ckpt["test/vqa/num_cases"] > 0
     assert from_export == from_ckpt
+
+
+def test_overlays_keep_the_voxels_physical_proportions_and_folders_list_every_volume_format(tmp_path):
+    import nibabel as nib
+    import numpy as np
+    from PIL import Image
+
+    from medvlsam2.core.predict import volumes_of, write_overlays
+
+    data = np.random.default_rng(0).random((20, 20, 6)).astype(np.float32)
+    nib.save(nib.Nifti1Image(data, np.diag([0.7, 0.7, 5.0, 1.0])), str(tmp_path / "aniso.nii.gz"))
+    labels = np.zeros(data.shape, np.uint8)
+    labels[5:15, 5:15, 2:4] = 1
+    files = write_overlays(tmp_path / "aniso.nii.gz", labels, tmp_path)
+    sizes = {Path(f).name[8]: Image.open(f).size for f in files}  # overlay_<axis><index>.png -> (width, height)
+    # i and j views: 20 voxels of 0.7 mm across, 6 of 5 mm up (30 mm up against 14 mm across)
+    assert sizes["i"][1] > sizes["i"][0] and sizes["j"][1] > sizes["j"][0]
+    assert abs(sizes["k"][0] - sizes["k"][1]) < 0.1 * sizes["k"][0]  # 0.7 x 0.7 mm: square
+    np.save(tmp_path / "a.npy", data)
+    assert [p.name for p in volumes_of(tmp_path)] == ["a.npy", "aniso.nii.gz"]
