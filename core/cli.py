@@ -251,9 +251,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _attach_negative_values(argv: Sequence[str]) -> list[str]:
+    """``--points -1,2,3,1`` -> ``--points=-1,2,3,1``: argparse reads a value starting with '-'
+    as an option, so a negative coordinate would get a usage message instead of the prompt
+    check that names the point."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] in ("--points", "--box") and len(arg) > 1 and arg[0] == "-" and (arg[1].isdigit() or arg[1] == "."):
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
     func: Callable[[argparse.Namespace], int] | None = getattr(args, "func", None)
     if func is None:
         parser.print_help()

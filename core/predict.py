@@ -145,6 +145,15 @@ def describe_objects(label_map: np.ndarray, affine: np.ndarray, names: list[str]
     return objects
 
 
+def mark_empty(objects: list[dict[str, Any]], threshold: float) -> list[str]:
+    """Note on every object without a voxel (its score is the decoder's object score, which does
+    not look at the mask, so an empty mask can come with a high one); the names of those objects."""
+    empty = [obj for obj in objects if not obj["voxels"]]
+    for obj in empty:
+        obj["note"] = f"empty mask: no voxel reached the threshold {threshold:g}"
+    return [obj["name"] for obj in empty]
+
+
 def predict_one(module: Any, task: Any, preprocess_cfg: Any, volume_path: Path, request: Request, out: Path) -> dict[str, Any]:
     import nibabel as nib
     import torch
@@ -182,6 +191,8 @@ def predict_one(module: Any, task: Any, preprocess_cfg: Any, volume_path: Path, 
         answer["objects"] = describe_objects(
             label_map, record.original_affine, list(result.get("names") or []), list(result.get("scores") or []), len(masks)
         )
+        for name in mark_empty(answer["objects"], request.threshold):
+            print(f"medvlsam2: note: {volume_path}: '{name}' is empty at threshold {request.threshold:g}", file=sys.stderr)
         if request.overlay:
             answer["overlays"] = write_overlays(volume_path, label_map, out)
     atomic_write_text(out / "answer.json", json.dumps(answer, indent=2))

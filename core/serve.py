@@ -389,7 +389,7 @@ class ModelService:
         return result, record
 
     def _segment(self, session: Session, name: str, text: str | None, threshold: float) -> None:
-        from medvlsam2.core.predict import describe_objects, label_map_of, prompts_to_model
+        from medvlsam2.core.predict import describe_objects, label_map_of, mark_empty, prompts_to_model
 
         points = box = None
         if name == "interactive_seg":
@@ -405,12 +405,14 @@ class ModelService:
         label_map = label_map_of(masks, record, threshold)
         session.label_map = label_map
         session.threshold = threshold
+        objects = describe_objects(label_map, session.affine, list(result.get("names") or []),
+                                   list(result.get("scores") or []), len(masks))
+        mark_empty(objects, threshold)
         session.result = {
             "task": name,
             "text": result.get("text"),
             "threshold": threshold,
-            "objects": describe_objects(label_map, session.affine, list(result.get("names") or []),
-                                        list(result.get("scores") or []), len(masks)),
+            "objects": objects,
             "mask_voxels": int((label_map > 0).sum()),
             "seconds": round(time.perf_counter() - started, 3),
             "version": uuid.uuid4().hex[:8],

@@ -152,6 +152,7 @@ CATALOGUE = {
     "constant": (lambda e: predict(e, "constant.nii.gz"), ["constant.nii.gz: volume is constant (every voxel = 7)"]),
     # prompts
     "point-outside": (lambda e: predict(e, "case4.nii.gz", "--points", "3,3,3,1;99,0,0,1"), ["--points: point 2 (99, 0, 0) lies outside the volume of shape (32, 32, 8)"]),
+    "point-negative": (lambda e: predict(e, "case4.nii.gz", "--points", "-1,0,0,1"), ["--points: '-1,0,0,1': negative voxel index"]),
     "box-min-above-max": (lambda e: predict(e, "case4.nii.gz", "--box", "5,5,5,1,1,1"), ["--box: '5,5,5,1,1,1': minimum corner (5, 5, 5) is above maximum corner (1, 1, 1)"]),
     "box-outside": (lambda e: predict(e, "case4.nii.gz", "--box", "0,0,0,40,4,4"), ["--box: (0, 0, 0, 40, 4, 4) reaches outside the volume of shape (32, 32, 8)"]),
     "negative-label": (lambda e: predict(e, "case4.nii.gz", "--points", "1,2,3,-1"), ["--points: '1,2,3,-1': label must be 1 (foreground) or 0 (background), got -1"]),

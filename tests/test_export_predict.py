@@ -201,3 +201,17 @@ def test_overlays_keep_the_voxels_physical_proportions_and_folders_list_every_vo
     assert abs(sizes["k"][0] - sizes["k"][1]) < 0.1 * sizes["k"][0]  # 0.7 x 0.7 mm: square
     np.save(tmp_path / "a.npy", data)
     assert [p.name for p in volumes_of(tmp_path)] == ["a.npy", "aniso.nii.gz"]
+
+
+def test_an_empty_mask_is_noted_whatever_its_score():
+    import numpy as np
+
+    from medvlsam2.core.predict import describe_objects, mark_empty
+
+    label_map = np.zeros((4, 4, 4), np.uint8)
+    label_map[0, 0, :2] = 1
+    objects = describe_objects(label_map, np.eye(4), ["thalamus", "lesion"], [0.4, 0.9], 2)
+    assert mark_empty(objects, 0.5) == ["lesion"]
+    assert objects[1] == {"label": 2, "name": "lesion", "score": 0.9, "voxels": 0, "volume_ml": 0.0,
+                          "note": "empty mask: no voxel reached the threshold 0.5"}
+    assert "note" not in objects[0] and objects[0]["voxels"] == 2
