@@ -47,7 +47,9 @@ def volumes_of(source: str | Path) -> list[Path]:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise InputError(f"--volume: {path}: not a valid JSON datalist ({err})") from err
-        items = data if isinstance(data, list) else next((v for v in data.values() if isinstance(v, list)), []) if isinstance(data, dict) else []
+        if isinstance(data, dict):  # a datalist dict: its first list (MONAI's "training", "test" ...)
+            data = next((v for v in data.values() if isinstance(v, list)), [])
+        items = data if isinstance(data, list) else []
         images = []
         for n, item in enumerate(items):
             image = item.get("image") if isinstance(item, dict) else item
@@ -276,18 +278,15 @@ def predict(model: str | Path, source: str | Path, request: Request, out: str | 
             answer = predict_one(module, task, preprocess_cfg, path, request, target)
             print(f"{path}: {answer.get('mask') or answer.get('text')}")
         except Exception as err:
-            oom = isinstance(err, (MemoryError, torch.OutOfMemoryError))
-            if len(volumes) == 1:
-                if oom:
-                    raise InputError(f"{path}: out of memory (try a smaller preprocess.spatial_size)") from err
-                raise
-            # Over many volumes one bad case must not cost the others: report it and go on.
-            if oom:
+            if isinstance(err, (MemoryError, torch.OutOfMemoryError)):
                 message = "out of memory (try a smaller preprocess.spatial_size)"
-            elif isinstance(err, MedVLError):
-                message = str(err)
+                if len(volumes) == 1:
+                    raise InputError(f"{path}: {message}") from err
+            elif len(volumes) == 1:
+                raise
             else:
-                message = f"internal error: {type(err).__name__}: {err}"
+                message = str(err) if isinstance(err, MedVLError) else f"internal error: {type(err).__name__}: {err}"
+            # Over many volumes one bad case must not cost the others: report it and go on.
             failed += 1
             print(f"medvlsam2: case {path} failed: {message}", file=sys.stderr)
     if len(volumes) > 1:

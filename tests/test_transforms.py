@@ -216,3 +216,13 @@ def test_mri_volume_with_almost_every_voxel_equal_keeps_its_field_of_view(tmp_pa
     assert volume.shape == (1, 20, 40, 40) and record.grid_shape == (40, 40, 20)
     assert float(volume.max()) == 1.0 and float(volume.min()) == 0.0
     assert restore(np.ones((1, 20, 40, 40), np.uint8), record).shape == (1, 40, 40, 20)
+
+
+def test_a_crop_with_nothing_above_the_threshold_is_skipped_and_restore_inverts_what_ran(tmp_path: Path) -> None:
+    data = np.random.default_rng(0).random((12, 10, 8)).astype(np.float32)
+    cfg = get_preset("mri", spatial_size=(8, 12, 10), foreground_threshold=2.0)  # scaled voxels are <= 1
+    volume, record = preprocess(_write(tmp_path / "dim.nii.gz", data), cfg)
+    assert volume.shape == (1, 8, 12, 10) and record.grid_shape == (12, 10, 8)
+    assert record.config.crop_foreground is False
+    back = restore(np.ones((1, 8, 12, 10), np.uint8), record)
+    assert back.shape == (1, 12, 10, 8) and int(back.sum()) == 12 * 10 * 8

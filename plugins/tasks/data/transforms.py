@@ -246,7 +246,7 @@ def _apply(matrix: np.ndarray, pts: np.ndarray) -> np.ndarray:
     return (homogeneous @ matrix.T)[:, :3]
 
 
-def _spatial_transforms(cfg: PreprocessConfig, grid_size: tuple[int, int, int] | None, crop: bool = True) -> list[Any]:
+def _spatial_transforms(cfg: PreprocessConfig, grid_size: tuple[int, int, int] | None) -> list[Any]:
     import monai.transforms as mt
 
     ops: list[Any] = []
@@ -254,7 +254,7 @@ def _spatial_transforms(cfg: PreprocessConfig, grid_size: tuple[int, int, int] |
         ops.append(mt.Orientation(axcodes=cfg.axcodes, labels=None))
     if cfg.pixdim:
         ops.append(mt.Spacing(pixdim=cfg.pixdim, mode="bilinear"))
-    if cfg.crop_foreground and crop:
+    if cfg.crop_foreground:
         threshold = cfg.foreground_threshold
         ops.append(
             mt.CropForeground(select_fn=lambda x: x > threshold, margin=cfg.crop_margin, allow_smaller=True)
@@ -339,9 +339,11 @@ def preprocess(
             log.info("%s: percentile range is empty (almost every voxel is equal); scaled by min-max instead", where)
             scaled = mt.ScaleIntensity(minv=0.0, maxv=1.0)(image)
         image = scaled
-    # Nothing above the threshold would crop to an empty volume: keep the whole field of view.
-    crop = bool((image > cfg.foreground_threshold).any()) if cfg.crop_foreground else False
-    spatial = mt.Compose(_spatial_transforms(cfg, grid_size, crop))
+    if cfg.crop_foreground and not bool((image > cfg.foreground_threshold).any()):
+        # Nothing above the threshold would crop to an empty volume: keep the whole field of
+        # view, and record the config as applied so that ``restore`` inverts the same steps.
+        cfg = replace(cfg, crop_foreground=False)
+    spatial = mt.Compose(_spatial_transforms(cfg, grid_size))
     out = spatial(image)
     if grid_size is not None and cfg.resize_mode == "resize":
         factor = math.prod(original_shape) / max(1, math.prod(grid_size))
