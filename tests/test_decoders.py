@@ -142,6 +142,25 @@ def test_pooled_tinyvit_embedding_runs_the_heads_on_a_coarser_grid_and_still_seg
             SAM2VolumeDecoder(SAM2VolumeConfig(**bad))
 
 
+def test_image_encoder_runs_channels_last_with_the_features_of_a_plain_layout():
+    """The TinyViT's weights and input are channels-last (faster convolutions); features match."""
+    import copy
+
+    decoder = SAM2VolumeDecoder(SAM2VolumeConfig(pretrained=False)).eval()
+    conv = next(m for m in decoder.sam.image_encoder.modules()
+                if isinstance(m, torch.nn.Conv2d) and m.weight.shape[1] > 1 and m.weight.shape[-1] > 1)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    plain = copy.deepcopy(decoder.sam.image_encoder).to(memory_format=torch.contiguous_format)
+    volume, _ = ellipsoid((2, 64, 64), (0.5, 31.5, 31.5), (2.0, 12.0, 16.0))
+    decoder._volume_keys = []
+    with torch.no_grad():
+        features, _ = decoder._image_features(volume, 0, 1)
+        image = decoder._slice_image(volume, 0, 1)
+        expected = plain(image)
+    assert features[0].is_contiguous()
+    torch.testing.assert_close(features[0], expected, rtol=1e-4, atol=1e-4)
+
+
 def test_training_scores_the_mask_heads_own_logits_when_the_object_score_says_absent():
     """SAM2 blanks masks of "absent" objects, which carries no gradient; training must not."""
     torch.manual_seed(0)
