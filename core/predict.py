@@ -250,6 +250,8 @@ def predict(model: str | Path, source: str | Path, request: Request, out: str | 
 
     from medvlsam2.core.engine import task_keys
     from medvlsam2.core.export import load_module, model_config
+    from medvlsam2.core.registry import get_host
+    from medvlsam2.core.task import check_infer_prompts
     from medvlsam2.plugins.tasks.data.transforms import check_volume
 
     request.text = check_text(request.text)
@@ -265,9 +267,14 @@ def predict(model: str | Path, source: str | Path, request: Request, out: str | 
         shape = check_volume(volumes[0])
         points = parse_points(request.points) if request.points else ()
         check_inside(shape, points=points, box=parse_box(request.box) if request.box else None)
-    names = task_keys(model_config(model).tasks)
+    entries = model_config(model).tasks
+    names = task_keys(entries)
     if request.task not in names:
         raise InputError(f"--task: the model has no task '{request.task}'{did_you_mean(request.task, names)}; tasks: {', '.join(names)}")
+    # a prompt the task ignores, or one it needs and lacks, is refused before the model loads
+    task_class = get_host().get("tasks", entries[names.index(request.task)]["name"]).load()
+    given = [prompt for prompt in ("text", "points", "box") if getattr(request, prompt)]
+    check_infer_prompts(task_class, request.task, given)
     module, cfg, metadata = load_module(model)
     task = module.tasks[request.task]
     preprocess_cfg = preprocess_config_of(request.task, task, metadata)

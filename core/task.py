@@ -30,6 +30,11 @@ class BaseTask(nn.Module):
     trains: ClassVar[tuple[str, ...]] = ()
     #: Metric whose higher value is better, used to pick checkpoints and summarise runs.
     main_metric: ClassVar[str] = ""
+    #: The prompts ``infer`` reads, of "text", "points" and "box" (None: not declared, so
+    #: ``predict`` passes what it is given). ``predict`` refuses any other before the model loads.
+    infer_prompts: ClassVar[frozenset[str] | None] = None
+    #: Groups of prompts of which ``infer`` needs one each, e.g. ``(("points", "box"),)``.
+    infer_needs: ClassVar[tuple[tuple[str, ...], ...]] = ()
 
     def __init__(self, cfg: Any) -> None:
         super().__init__()
@@ -82,3 +87,24 @@ class BaseTask(nn.Module):
         the image rather than from what the training answers share. ``None``: no such baseline.
         """
         return None
+
+
+def check_infer_prompts(task_class: type, task: str, given: Sequence[str]) -> None:
+    """Raise when ``task_class.infer`` cannot take the prompts ``given`` ("text", "points", "box").
+
+    Declared by the task (``infer_prompts``, ``infer_needs``), so a prompt the task would ignore
+    or a missing one is refused with the option's name before any model is loaded.
+    """
+    from medvlsam2.core.errors import InputError
+
+    if getattr(task_class, "infer", None) is None:
+        raise InputError(f"--task: task '{task}' cannot predict single volumes")
+    takes = getattr(task_class, "infer_prompts", None)
+    if takes is not None:
+        for prompt in given:
+            if prompt not in takes:
+                reads = ", ".join(f"--{p}" for p in sorted(takes)) or "no prompt"
+                raise InputError(f"--{prompt}: task '{task}' takes no {prompt} (it reads {reads})")
+    for group in getattr(task_class, "infer_needs", ()):
+        if not any(p in given for p in group):
+            raise InputError(f"--task: task '{task}' needs {' or '.join(f'--{p}' for p in group)}")

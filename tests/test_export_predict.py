@@ -111,6 +111,52 @@ def test_predict_errors_name_the_problem(trained, tmp_path):
         assert len(lines) == 1 and message in lines[0], (args, result.stderr[-1500:])
 
 
+def test_prompts_a_task_ignores_or_lacks_are_refused_before_the_model_loads(trained, tmp_path, monkeypatch):
+    from medvlsam2.core import export as export_module
+    from medvlsam2.core.predict import Request, predict
+
+    cfg, folder, out, data = trained
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(export_module, "load_module", no_loading)
+    volume = data / "case4.nii.gz"
+    with pytest.raises(InputError, match=r"^--points: task 'vqa' takes no points \(it reads --text\)$"):
+        predict(out, volume, Request(task="vqa", text="Which side?", points="1,2,3,1"), tmp_path / "p")
+    with pytest.raises(InputError, match=r"^--task: task 'vqa' needs --text$"):
+        predict(out, volume, Request(task="vqa"), tmp_path / "p")
+    with pytest.raises(AssertionError, match="the model was loaded"):  # a good request gets that far
+        predict(out, volume, Request(task="vqa", text="Which side?"), tmp_path / "p")
+
+
+def test_every_builtin_task_that_predicts_declares_its_prompts():
+    from medvlsam2.core.registry import get_host
+    from medvlsam2.core.task import check_infer_prompts
+
+    host = get_host()
+    declared = {}
+    for name in host.names("tasks"):
+        cls = host.get("tasks", name).load()
+        if getattr(cls, "infer", None) is not None and cls.__module__.startswith("medvlsam2."):
+            assert cls.infer_prompts is not None and cls.infer_prompts <= {"text", "points", "box"}, name
+            declared[name] = cls
+    assert {"report_generation", "vqa", "semantic_seg", "referring_seg", "interactive_seg"} <= set(declared)
+    check_infer_prompts(declared["interactive_seg"], "interactive_seg", ["box"])
+    check_infer_prompts(declared["semantic_seg"], "semantic_seg", [])
+    check_infer_prompts(declared["report_generation"], "report_generation", ["text"])
+    for name, given, message in [
+        ("interactive_seg", ["text"], "--task: task 'interactive_seg' needs --points or --box"),
+        ("referring_seg", ["box"], "--task: task 'referring_seg' needs --text"),
+        ("report_generation", ["box"], "--box: task 'report_generation' takes no box (it reads --text)"),
+        ("grounding", [], "--task: task 'grounding' needs --text"),
+        ("alignment", ["text"], "--task: task 'alignment' cannot predict single volumes"),
+    ]:
+        with pytest.raises(InputError) as err:
+            check_infer_prompts(host.get("tasks", name).load(), name, given)
+        assert str(err.value) == message
+
+
 def test_predict_over_a_folder_keeps_going_after_a_bad_case(trained, tmp_path):
     cfg, folder, out, data = trained
     import shutil
@@ -147,7 +193,7 @@ def test_predict_datalist_keeps_same_named_cases_apart_and_checks_questions_and_
     answers = [json.loads((tmp_path / "many" / name / "answer.json").read_text()) for name in ("p1_t1", "p2_t1")]
     assert [a["volume"] for a in answers] == [str(tmp_path / "p1" / "t1.nii.gz"), str(tmp_path / "p2" / "t1.nii.gz")]
     for args, message in [
-        (["--volume", str(data / "case4.nii.gz"), "--out", str(tmp_path / "q")], "vqa: pass the question as text"),
+        (["--volume", str(data / "case4.nii.gz"), "--out", str(tmp_path / "q")], "--task: task 'vqa' needs --text"),
         (["--volume", str(data / "case4.nii.gz"), "--text", "Which side?", "--out", str(datalist)],
          f"--out: {datalist} is a file"),
     ]:
@@ -215,3 +261,16 @@ def test_an_empty_mask_is_noted_whatever_its_score():
     assert objects[1] == {"label": 2, "name": "lesion", "score": 0.9, "voxels": 0, "volume_ml": 0.0,
                           "note": "empty mask: no voxel reached the threshold 0.5"}
     assert "note" not in objects[0] and objects[0]["voxels"] == 2
+
+
+def test_grounding_infer_fills_its_trained_prompt_with_the_description(tmp_path):
+    from medvlsam2.core.registry import build
+
+    task = build("tasks", "grounding", {"data": {"format": "nifti_json", "root": str(tmp_path)}})
+    seen = []
+    task.generate = lambda model, volume, prompts: seen.extend(prompts) or ["[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]"]
+    result = task.infer(None, torch.zeros(1, 1, 4, 8, 8), text=" the left thalamus ")
+    assert seen == ["Where is the left thalamus? Answer with a 3D box."]
+    assert result["text"] == "[0.1, 0.2, 0.3, 0.4, 0.5, 0.6]"
+    with pytest.raises(InputError, match="grounding: name what to find as text"):
+        task.infer(None, torch.zeros(1, 1, 4, 8, 8))

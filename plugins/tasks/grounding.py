@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from medvlsam2.core.errors import ConfigError
+from medvlsam2.core.errors import ConfigError, InputError
 from medvlsam2.plugins.tasks.base import TaskConfig
 from medvlsam2.plugins.tasks.language import GenerationConfig, TrunkTextTask, score_text
 
@@ -77,6 +77,18 @@ class GroundingTask(TrunkTextTask):
             "Describe the region {box}.",
         ],
     }
+
+    infer_prompts: ClassVar[frozenset[str]] = frozenset({"text"})
+    infer_needs: ClassVar[tuple[tuple[str, ...], ...]] = (("text",),)
+
+    @torch.no_grad()
+    def infer(self, model: Any, volume: torch.Tensor, *, text: str | None = None, **kwargs: Any) -> dict[str, Any]:
+        """``text`` names what to find ("the left thalamus"); it fills the REC prompt the model
+        was trained with, and the answer is that structure's 3D box as text."""
+        if not text or not text.strip():
+            raise InputError("grounding: name what to find as text (e.g. --text 'the left thalamus')")
+        prompt = self.templates("rec")[0].format(description=text.strip())
+        return super().infer(model, volume, text=prompt, **kwargs)
 
     @classmethod
     def check_config(cls, cfg: Any, path: str = "task") -> None:

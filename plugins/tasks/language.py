@@ -107,6 +107,7 @@ class ReportGenerationTask(TrunkTextTask):
     config_class = ReportConfig
     main_metric = "rougeL"
     prompt_kind = "report"
+    infer_prompts: ClassVar[frozenset[str]] = frozenset({"text"})  # a prompt of the user's own
     default_prompts: ClassVar[dict[str, list[str]]] = {
         "report": [
             "Describe the findings of this scan.",
@@ -162,6 +163,8 @@ class VQATask(TrunkTextTask):
     config_class = VQAConfig
     main_metric = "closed_accuracy"
     prompt_kind = "closed"
+    infer_prompts: ClassVar[frozenset[str]] = frozenset({"text"})
+    infer_needs: ClassVar[tuple[tuple[str, ...], ...]] = (("text",),)
     default_prompts: ClassVar[dict[str, list[str]]] = {
         "closed": ["{question} Answer with the letter and text of one choice."],
         "open": ["{question}"],

@@ -525,6 +525,7 @@ class SemanticSegTask(_SegmentationTask):
 
     config_class: ClassVar[type] = SemanticSegConfig
     trains: ClassVar[tuple[str, ...]] = ("projector", "lora", "seg_projector", "decoder")
+    infer_prompts: ClassVar[frozenset[str]] = frozenset({"text", "points", "box"})
     default_prompts: ClassVar[dict[str, list[str]]] = {
         "prompt": [
             "Segment the {names}.",
@@ -735,6 +736,8 @@ class ReferringSegTask(_SegmentationTask):
 
     config_class: ClassVar[type] = ReferringSegConfig
     trains: ClassVar[tuple[str, ...]] = ("projector", "lora", "seg_projector", "decoder")
+    infer_prompts: ClassVar[frozenset[str]] = frozenset({"text", "points", "box"})
+    infer_needs: ClassVar[tuple[tuple[str, ...], ...]] = (("text",),)
     default_prompts: ClassVar[dict[str, list[str]]] = {
         "prompt": ["{question}", "{question} Please answer and output the segmentation mask."],
     }
@@ -930,6 +933,8 @@ class InteractiveSegTask(_SegmentationTask):
 
     config_class: ClassVar[type] = InteractiveSegConfig
     trains: ClassVar[tuple[str, ...]] = ("decoder",)
+    infer_prompts: ClassVar[frozenset[str]] = frozenset({"text", "points", "box"})
+    infer_needs: ClassVar[tuple[tuple[str, ...], ...]] = (("points", "box"),)
     needs_text: ClassVar[bool] = False
     default_prompts: ClassVar[dict[str, list[str]]] = {
         "prompt": ["Segment the {names}."],
