@@ -174,11 +174,8 @@ def predict_one(module: Any, task: Any, preprocess_cfg: Any, volume_path: Path, 
         parse_points(request.points) if request.points else None,
         parse_box(request.box) if request.box else None,
     )
-    infer = getattr(task, "infer", None)
-    if infer is None:
-        raise InputError(f"--task: task '{request.task}' cannot predict single volumes")
-    with torch.no_grad():
-        result = infer(module.model, volume[None], text=request.text, points=points, box=box)
+    with torch.no_grad():  # predict() has checked that the task has an infer for these prompts
+        result = task.infer(module.model, volume[None], text=request.text, points=points, box=box)
     out.mkdir(parents=True, exist_ok=True)
     answer: dict[str, Any] = {"volume": str(volume_path), "task": request.task, "text": result.get("text")}
     for key in ("choice",):

@@ -81,7 +81,6 @@ class GroundingTask(TrunkTextTask):
     infer_prompts: ClassVar[frozenset[str]] = frozenset({"text"})
     infer_needs: ClassVar[tuple[tuple[str, ...], ...]] = (("text",),)
 
-    @torch.no_grad()
     def infer(self, model: Any, volume: torch.Tensor, *, text: str | None = None, **kwargs: Any) -> dict[str, Any]:
         """``text`` names what to find ("the left thalamus"); it fills the REC prompt the model
         was trained with, and the answer is that structure's 3D box as text."""
