@@ -28,12 +28,16 @@ class Prompts:
       1 foreground, 0 background, -1 padding (ignored).
     * ``boxes`` ``(B, K, 6)``: ``(d0, h0, w0, d1, h1, w1)``, inclusive voxel bounds;
       a row of -1 means "no box for this object".
+    * ``valid`` ``(B, K)`` bool, optional: which object slots hold an object. A batch whose
+      samples have different numbers of objects pads the rest; a decoder may skip a padding
+      slot (its masks are then no-object logits) or decode it, and losses ignore it either way.
     """
 
     text_embeds: torch.Tensor | None = None
     points: torch.Tensor | None = None
     point_labels: torch.Tensor | None = None
     boxes: torch.Tensor | None = None
+    valid: torch.Tensor | None = None
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -58,6 +62,8 @@ class Prompts:
         """Raise ``InputError`` when shapes disagree or coordinates fall outside the volume."""
         b, k = self.batch_size, self.num_objects
         spatial = torch.tensor(volume_shape[-3:])
+        if self.valid is not None and (self.valid.dtype != torch.bool or tuple(self.valid.shape) != (b, k)):
+            raise InputError(f"valid must be a bool tensor of shape ({b}, {k}), got {self.valid.dtype} {tuple(self.valid.shape)}")
         if self.text_embeds is not None and self.text_embeds.shape[:2] != (b, k):
             raise InputError(f"text_embeds has shape {tuple(self.text_embeds.shape)}, expected ({b}, {k}, d)")
         if self.points is not None:

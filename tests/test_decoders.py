@@ -213,6 +213,61 @@ def test_each_prompt_type_gives_masks_of_the_right_shape(hiera_decoder, kind):
         assert (out.masks[0, 1, 3:] == NO_OBJ_SCORE).all() and (out.masks[0, 1, :3] != NO_OBJ_SCORE).any()
 
 
+def test_box_prompted_slices_decode_as_one_batch_with_the_masks_of_one_slice_at_a_time(hiera_decoder, monkeypatch):
+    """Every slice inside a box is a conditioning slice and none reads memory: they go through
+    the SAM heads together, per prompt layout, and give what the slice-by-slice pass gives."""
+    volume, mask = ellipsoid((6, 40, 48), (2.5, 19.5, 23.5), (2.5, 10, 12))
+    box = box_of(mask).expand(1, 2, 6).clone()  # two objects, one group, different text
+    text = torch.randn(1, 2, 32)
+    # a click on slice 2 gives that slice another prompt layout (4 points instead of 2)
+    points = torch.tensor([[[[2.0, 20, 24]], [[2.0, 18, 22]]]])
+    cases = {
+        "text+box": Prompts(text_embeds=text, boxes=box),
+        "text+box+click": Prompts(text_embeds=text, boxes=box, points=points, point_labels=torch.ones(1, 2, 1, dtype=torch.long)),
+    }
+    calls = []
+    real_encode = hiera_decoder.sam._encode_new_memory
+    monkeypatch.setattr(hiera_decoder.sam, "_encode_new_memory", lambda *a, **k: calls.append(1) or real_encode(*a, **k))
+    with torch.no_grad():
+        batched = {k: hiera_decoder(volume, p) for k, p in cases.items()}
+        assert calls == []  # no memory is encoded when no slice reads it
+
+        def one_at_a_time(self, norm, b, group, prompts, state):
+            for d in group.cond:
+                _, m, i, s = self._step(norm, b, [d], group, prompts, state, False, True)
+                yield d, m, i, s
+
+        monkeypatch.setattr(SAM2VolumeDecoder, "_decode_unremembered", one_at_a_time)
+        for key, prompts in cases.items():
+            single = hiera_decoder(volume, prompts)
+            for field in ("masks", "iou_pred", "object_score"):
+                torch.testing.assert_close(getattr(batched[key], field), getattr(single, field), atol=1e-4, rtol=1e-4)
+        assert calls  # the reference pass encoded memory slice by slice
+        assert not torch.allclose(batched["text+box"].masks[0, 0], batched["text+box"].masks[0, 1])
+        # a text-only object propagates from its middle slice through memory, as before
+        calls.clear()
+        hiera_decoder(volume, Prompts(text_embeds=text[:, :1]))
+        assert calls
+
+
+def test_padding_object_slots_are_not_decoded(hiera_decoder, monkeypatch):
+    volume, mask = ellipsoid((6, 40, 48), (2.5, 19.5, 23.5), (2.5, 10, 12))
+    text = torch.randn(1, 2, 32)
+    box = torch.cat([box_of(mask), torch.full((1, 1, 6), -1.0)], dim=1)  # slot 1 pads: no box
+    steps = []
+    real_step = SAM2VolumeDecoder._step
+    monkeypatch.setattr(SAM2VolumeDecoder, "_step", lambda self, *a, **k: steps.append(1) or real_step(self, *a, **k))
+    with torch.no_grad():
+        full = hiera_decoder(volume, Prompts(text_embeds=text, boxes=box))
+        decoded = len(steps)
+        padded = hiera_decoder(volume, Prompts(text_embeds=text, boxes=box, valid=torch.tensor([[True, False]])))
+    assert len(steps) - decoded < decoded  # the text-only slot propagated over 6 slices before
+    assert (padded.masks[0, 1] == NO_OBJ_SCORE).all()
+    torch.testing.assert_close(padded.masks[0, 0], full.masks[0, 0])
+    with pytest.raises(InputError, match=r"valid must be a bool tensor of shape \(1, 2\)"):
+        hiera_decoder(volume, Prompts(text_embeds=text, valid=torch.ones(1, 3, dtype=torch.bool)))
+
+
 def test_text_prompt_changes_the_masks_and_odd_depth_works(hiera_decoder):
     text = torch.randn(1, 1, 32)
     volume = torch.randn(1, 1, 5, 24, 40)

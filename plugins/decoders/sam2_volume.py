@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -364,7 +364,9 @@ class SAM2VolumeDecoder(MaskDecoder):
 
         def append(_module: nn.Module, _args: Any, output: tuple[torch.Tensor, torch.Tensor]) -> Any:
             sparse, dense = output
-            return torch.cat([sparse, tokens.to(sparse.dtype)], dim=1), dense
+            # several slices in one batch: each slice's rows take the objects' tokens in order
+            rows = tokens.repeat(sparse.shape[0] // tokens.shape[0], 1, 1)
+            return torch.cat([sparse, rows.to(sparse.dtype)], dim=1), dense
 
         handle = self.sam.sam_prompt_encoder.register_forward_hook(append)
         try:
@@ -398,12 +400,15 @@ class SAM2VolumeDecoder(MaskDecoder):
         if prompts.points is not None:
             own |= (prompts.point_labels >= 0).any(-1)
         voxel = torch.where(own[..., None], user, voxel)
-        return Prompts(prompts.text_embeds, prompts.points, prompts.point_labels, voxel)
+        return Prompts(prompts.text_embeds, prompts.points, prompts.point_labels, voxel, prompts.valid)
 
     # -- prompts -> groups and per-slice point inputs --------------------------------------------
     def _groups(self, prompts: Prompts, b: int, depth: int) -> list[_Group]:
         by_key: dict[tuple, list[int]] = {}
         for k in range(prompts.num_objects):
+            if prompts.valid is not None and not bool(prompts.valid[b, k]):
+                by_key.setdefault(((), 1, 0), []).append(k)  # a padding slot: not decoded
+                continue
             slices: set[int] = set()
             lo, hi = 0, depth - 1
             if prompts.points is not None:
@@ -460,36 +465,51 @@ class SAM2VolumeDecoder(MaskDecoder):
         self,
         norm: torch.Tensor,
         b: int,
-        d: int,
+        slices: Sequence[int],
         group: _Group,
         prompts: Prompts,
         state: dict,
         reverse: bool,
         is_cond: bool,
-    ) -> tuple[dict, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One slice through SAM2: memory-conditioned features, SAM heads, new memory.
+        remember: bool = True,
+    ) -> tuple[dict | None, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Slices through SAM2: memory-conditioned features, SAM heads, new memory.
 
         This is ``SAM2Base._track_step`` + ``_encode_memory_in_output`` with one difference:
         memory attention and the memory encoder run on a grid of ``image_size / 16`` (SAM2's own
         stride) even when the mask decoder's embedding is finer (LiteMedSAM's 64x64), and the
         memory's change to the features is upsampled back onto the embedding. With Hiera both
         grids coincide and this is exactly SAM2's step.
+
+        Several ``slices`` go through as one batch (rows slice-major: slice, then object) only
+        as conditioning slices whose memory nobody reads (``remember=False``); they must carry
+        prompts of one layout (the same number of points). Outputs are ``(len(slices) * g, ...)``.
         """
+        if len(slices) > 1 and (remember or not is_cond):
+            raise ValueError("several slices decode together only as conditioning slices without memory")
         sam = self.sam
         depth, hw = norm.shape[2], tuple(norm.shape[-2:])
-        feats, pos, sizes = self._encode_slice(norm, b, d, len(group.objects))
-        point_inputs = self._point_inputs(prompts, b, group.objects, d, hw) if is_cond else None
-        g, c = feats[-1].shape[1], sam.hidden_dim
-        top = feats[-1].permute(1, 2, 0).reshape(g, c, *sizes[-1])
+        g = len(group.objects)
+        encoded = [self._encode_slice(norm, b, d, g) for d in slices]
+        sizes = encoded[0][2]
+        feats = [torch.cat([e[0][i] for e in encoded], dim=1) for i in range(len(sizes))]
+        pos = [torch.cat([e[1][0] for e in encoded], dim=1)]
+        point_inputs = None
+        if is_cond:
+            per_slice = [self._point_inputs(prompts, b, group.objects, d, hw) for d in slices]
+            if per_slice[0] is not None:
+                point_inputs = {k: torch.cat([p[k] for p in per_slice]) for k in per_slice[0]}
+        rows, c = feats[-1].shape[1], sam.hidden_dim
+        top = feats[-1].permute(1, 2, 0).reshape(rows, c, *sizes[-1])
         mem_in, mem_pos, mem_size = top, pos[-1], sizes[-1]
         if self._memory_pool > 1:
             mem_in = F.avg_pool2d(top, self._memory_pool)
-            mem_pos = F.avg_pool2d(pos[-1].permute(1, 2, 0).reshape(g, c, *sizes[-1]), self._memory_pool)
+            mem_pos = F.avg_pool2d(pos[-1].permute(1, 2, 0).reshape(rows, c, *sizes[-1]), self._memory_pool)
             mem_pos = mem_pos.flatten(2).permute(2, 0, 1)
             mem_size = (mem_in.shape[-2], mem_in.shape[-1])
         mem_flat = [mem_in.flatten(2).permute(2, 0, 1)]
         with_mem = sam._prepare_memory_conditioned_features(
-            frame_idx=d,
+            frame_idx=slices[0],
             is_init_cond_frame=is_cond,
             current_vision_feats=mem_flat,
             current_vision_pos_embeds=[mem_pos],
@@ -500,7 +520,7 @@ class SAM2VolumeDecoder(MaskDecoder):
         )
         if self._memory_pool > 1:
             with_mem = top + F.interpolate(with_mem - mem_in, size=sizes[-1], mode="bilinear", align_corners=False)
-        high_res_features = [x.permute(1, 2, 0).reshape(g, x.shape[-1], *s) for x, s in zip(feats[:-1], sizes[:-1])]
+        high_res_features = [x.permute(1, 2, 0).reshape(rows, x.shape[-1], *s) for x, s in zip(feats[:-1], sizes[:-1])]
         with self._raw_masks() as seen:
             _, _, ious, _, high_res, obj_ptr, obj_score = sam._forward_sam_heads(
                 backbone_features=with_mem,
@@ -508,22 +528,46 @@ class SAM2VolumeDecoder(MaskDecoder):
                 high_res_features=high_res_features or None,
                 multimask_output=sam._use_multimask(is_cond, point_inputs),
             )
-        maskmem_features, maskmem_pos_enc = sam._encode_new_memory(
-            current_vision_feats=mem_flat,
-            feat_sizes=[mem_size],
-            pred_masks_high_res=high_res,
-            object_score_logits=obj_score,
-            is_mask_from_pts=point_inputs is not None,
-        )
-        memory = {"maskmem_features": maskmem_features, "maskmem_pos_enc": maskmem_pos_enc, "obj_ptr": obj_ptr}
+        memory = None
+        if remember:
+            maskmem_features, maskmem_pos_enc = sam._encode_new_memory(
+                current_vision_feats=mem_flat,
+                feat_sizes=[mem_size],
+                pred_masks_high_res=high_res,
+                object_score_logits=obj_score,
+                is_mask_from_pts=point_inputs is not None,
+            )
+            memory = {"maskmem_features": maskmem_features, "maskmem_pos_enc": maskmem_pos_enc, "obj_ptr": obj_ptr}
         raw = seen["masks"]
         if raw.shape[1] > 1:  # multimask output: SAM2 keeps the candidate with the best predicted IoU
-            raw = raw[torch.arange(g, device=raw.device), ious.argmax(dim=1)][:, None]
+            raw = raw[torch.arange(rows, device=raw.device), ious.argmax(dim=1)][:, None]
         masks = F.interpolate(raw.float(), size=hw, mode="bilinear", align_corners=False)[:, 0]
         if self.cfg.gate_masks_by_object_score and not (self.training and torch.is_grad_enabled()):
             masks = torch.where(obj_score[:, :1, None] > 0, masks, torch.full_like(masks, NO_OBJ_SCORE))
         iou = ious.max(dim=1).values if ious.shape[1] > 1 else ious[:, 0]
         return memory, masks, iou, obj_score[:, 0]
+
+    def _decode_unremembered(
+        self, norm: torch.Tensor, b: int, group: _Group, prompts: Prompts, state: dict
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(slice, masks, iou, score)`` of a group whose every slice is a conditioning slice.
+
+        Conditioning slices are decoded without memory, and no slice of the group is left to
+        read theirs (a box spanning the object's slices, with ``box_bounds_depth``), so the
+        memory encoder would run for nothing: the slices go through the SAM heads as one batch
+        per prompt layout, with the same outputs as one slice at a time.
+        """
+        hw = tuple(norm.shape[-2:])
+        layouts: dict[int, list[int]] = {}
+        for d in group.cond:
+            inputs = self._point_inputs(prompts, b, group.objects, d, hw)
+            layouts.setdefault(0 if inputs is None else inputs["point_coords"].shape[1], []).append(d)
+        g = len(group.objects)
+        for slices in layouts.values():
+            _, masks, ious, scores = self._step(norm, b, slices, group, prompts, state, False, True, remember=False)
+            for i, d in enumerate(slices):
+                rows = slice(i * g, (i + 1) * g)
+                yield d, masks[rows], ious[rows], scores[rows]
 
     def _decode_group(
         self, norm: torch.Tensor, b: int, group: _Group, prompts: Prompts
@@ -540,17 +584,22 @@ class SAM2VolumeDecoder(MaskDecoder):
         cond_set = set(group.cond)
         with self._text_tokens(tokens):
             state: dict[str, dict[int, dict]] = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
-            for d in group.cond:
-                state["cond_frame_outputs"][d], masks[d], ious[d], scores[d] = self._step(
-                    norm, b, d, group, prompts, state, False, True
-                )
+            if set(range(group.lo, group.hi + 1)) <= cond_set:
+                # nothing left to propagate to (the loops below find no slice): one batch
+                for d, m, i, s in self._decode_unremembered(norm, b, group, prompts, state):
+                    masks[d], ious[d], scores[d] = m, i, s
+            else:
+                for d in group.cond:
+                    state["cond_frame_outputs"][d], masks[d], ious[d], scores[d] = self._step(
+                        norm, b, [d], group, prompts, state, False, True
+                    )
             for reverse, order in ((False, range(group.anchor + 1, group.hi + 1)), (True, range(group.anchor - 1, group.lo - 1, -1))):
                 recent: dict[int, dict] = {}
                 state["non_cond_frame_outputs"] = recent
                 for d in order:
                     if d in cond_set:
                         continue
-                    recent[d], masks[d], ious[d], scores[d] = self._step(norm, b, d, group, prompts, state, reverse, False)
+                    recent[d], masks[d], ious[d], scores[d] = self._step(norm, b, [d], group, prompts, state, reverse, False)
                     for old in [i for i in recent if abs(i - d) >= keep]:
                         del recent[old]
         absent = norm.new_full((g, *hw), NO_OBJ_SCORE)

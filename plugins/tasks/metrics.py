@@ -346,6 +346,8 @@ def segmentation_metrics(
     both_empty = ((p.sum(dim=(2, 3, 4)) == 0) & (t.sum(dim=(2, 3, 4)) == 0))[0]
     with warnings.catch_warnings():  # empty classes: MONAI warns of nan/inf distances, reported as NaN below
         warnings.filterwarnings("ignore", message=".* is all 0, this may result in nan/inf distance")
+        # MONAI 1.5+ passes its own deprecated argument inside SurfaceDiceMetric: nothing to act on
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
         dice = DiceMetric(include_background=True, reduction="none", ignore_empty=False)(p, t)[0]
         nsd = SurfaceDiceMetric(class_thresholds=tolerances, include_background=True, reduction="none")(
             p, t, spacing=spacing

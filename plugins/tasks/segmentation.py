@@ -303,7 +303,9 @@ def _on(prompts: Prompts | None, device: torch.device) -> Prompts:
     def move(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(device)
 
-    return Prompts(move(prompts.text_embeds), move(prompts.points), move(prompts.point_labels), move(prompts.boxes))
+    return Prompts(
+        move(prompts.text_embeds), move(prompts.points), move(prompts.point_labels), move(prompts.boxes), move(prompts.valid)
+    )
 
 
 # -- the shared base -------------------------------------------------------------------------
@@ -573,6 +575,7 @@ class SemanticSegTask(_SegmentationTask):
         target = self.targets(batch["label"], values, volume.device)
         prompts_dec = self._training_boxes(rng, masks, volume.device)
         prompts_dec.text_embeds = out.seg_embeds
+        prompts_dec.valid = out.seg_mask  # samples with fewer classes pad the rest
         output = model.decoder(volume, prompts_dec, out.encoder_output)
         terms = self._seg_terms(output, target, out.seg_mask)
         terms["lm_loss"] = out.loss
@@ -1005,10 +1008,11 @@ class InteractiveSegTask(_SegmentationTask):
         text, encoder_output = self._text_embeds(model, volume, names)
         if text is not None:
             prompts.text_embeds = text
-        output = model.decoder(volume, prompts, encoder_output)
         valid = torch.zeros(len(values), prompts.num_objects, dtype=torch.bool, device=volume.device)
         for i, vs in enumerate(values):
             valid[i, : len(vs)] = True
+        prompts.valid = valid
+        output = model.decoder(volume, prompts, encoder_output)
         terms = self._seg_terms(output, self.targets(batch["label"], values, volume.device), valid)
         terms["loss"] = self.cfg.seg_weight * terms["seg_loss"]
         return terms
