@@ -248,6 +248,12 @@ def test_box_prompted_slices_decode_as_one_batch_with_the_masks_of_one_slice_at_
         calls.clear()
         hiera_decoder(volume, Prompts(text_embeds=text[:, :1]))
         assert calls
+        # so does a box on slices 3..5 with a click on slice 0, from the click to the box
+        calls.clear()
+        click = Prompts(boxes=torch.tensor([[[3.0, 10, 10, 5, 30, 30]]]), points=torch.tensor([[[[0.0, 20, 20]]]]),
+                        point_labels=torch.ones(1, 1, 1, dtype=torch.long))
+        out = hiera_decoder(volume, click)
+        assert calls and (out.masks[0, 0, 1:3] != NO_OBJ_SCORE).any()
 
 
 def test_padding_object_slots_are_not_decoded(hiera_decoder, monkeypatch):

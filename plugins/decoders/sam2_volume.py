@@ -584,8 +584,11 @@ class SAM2VolumeDecoder(MaskDecoder):
         cond_set = set(group.cond)
         with self._text_tokens(tokens):
             state: dict[str, dict[int, dict]] = {"cond_frame_outputs": {}, "non_cond_frame_outputs": {}}
-            if set(range(group.lo, group.hi + 1)) <= cond_set:
-                # nothing left to propagate to (the loops below find no slice): one batch
+            # the slices the propagation loops below visit (a click outside a box's depth range
+            # is an anchor below or above it)
+            visited = set(range(group.anchor + 1, group.hi + 1)) | set(range(group.lo, group.anchor))
+            if visited <= cond_set:
+                # nothing left to propagate to: the conditioning slices go through as one batch
                 for d, m, i, s in self._decode_unremembered(norm, b, group, prompts, state):
                     masks[d], ious[d], scores[d] = m, i, s
             else:
