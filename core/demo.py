@@ -52,8 +52,14 @@ def run_demo(
     files = [packaged_config("demo.yaml")] + ([packaged_config("demo_quick.yaml")] if quick else []) + list(configs)
     cfg = load_config(files, [f"output_dir={out}", "run_name=run", f"vars.demo_data={out / 'data'}", *overrides])
     keep: dict[str, Any] = {}
-    folder = fit(cfg, keep=keep)
+    speed_before = matmul_speed()
+    clock = _stage_clock()
+    begin = time.perf_counter()
+    folder = fit(cfg, keep=keep, callbacks=[clock])
     train_seconds = time.time() - start
+    # fit builds the data first and tests after the last stage
+    stage_seconds = {"data and setup": (clock.first_start or begin) - begin, **clock.seconds,
+                     "test": time.perf_counter() - (clock.last_end or begin)}
     metrics = json.loads((folder / "metrics.json").read_text())
     metrics = {k: v for k, v in metrics.items() if k.startswith("test/")}
     manifest = json.loads((out / "data" / "demo.json").read_text())
@@ -73,6 +79,10 @@ def run_demo(
         "wall_seconds": round(wall, 1),
         "train_and_test_seconds": round(train_seconds, 1),
         "peak_memory_gib": round(peak_gib, 2),
+        "stage_seconds": {**{name: round(sec, 1) for name, sec in stage_seconds.items()},
+                          "export and pictures": round(wall - train_seconds, 1)},
+        # the same machine runs up to about 2x slower at times (shared cores): compare runs by this
+        "matmul_gflops": {"before": speed_before, "after": matmul_speed()},
         "machine": f"{platform.processor() or platform.machine()}, {_cores()} cores, {platform.python_version()}",
         "date": time.strftime("%Y-%m-%d"),
         "targets": [
@@ -91,6 +101,47 @@ def run_demo(
     atomic_write_text(out / "results.md", results_markdown(results, cfg))
     atomic_write_text(out / "samples.md", samples_markdown(keep.get("predictions") or {}))
     return out / "results.md"
+
+
+def matmul_speed(size: int = 1024, seconds: float = 0.3) -> dict[str, float]:
+    """GFLOP/s of a square matmul in float32 and bfloat16 on this machine, now."""
+    import torch
+
+    out = {}
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y
+        runs, begin = 0, time.perf_counter()
+        while (elapsed := time.perf_counter() - begin) < seconds:
+            x @ y
+            runs += 1
+        out[name] = round(2 * size**3 * runs / elapsed / 1e9)
+    return out
+
+
+def _stage_clock() -> Any:
+    """A Lightning callback that times each training stage (by its module's stage name)."""
+    import lightning as L
+
+    class StageClock(L.Callback):
+        def __init__(self) -> None:
+            self.seconds: dict[str, float] = {}
+            self._begin = 0.0
+
+            self.first_start: float | None = None
+            self.last_end = 0.0
+
+        def on_train_start(self, trainer: Any, module: Any) -> None:
+            self._begin = time.perf_counter()
+            self.first_start = self.first_start or self._begin
+
+        def on_train_end(self, trainer: Any, module: Any) -> None:
+            self.last_end = time.perf_counter()
+            name = module.stage.name if module.stage is not None else "train"
+            self.seconds[name] = self.last_end - self._begin
+
+    return StageClock()
 
 
 def blind_metrics(module: Any) -> dict[str, float]:
@@ -126,12 +177,28 @@ def _value(metrics: dict[str, float], derived: dict[str, float], key: str) -> fl
     return float(value)
 
 
+def _time_lines(results: dict[str, Any]) -> list[str]:
+    lines = []
+    stages = results.get("stage_seconds") or {}
+    if stages:
+        lines.append("Minutes by stage: " + "; ".join(f"{name} {sec / 60:.1f}" for name, sec in stages.items()) + ".")
+    speed = results.get("matmul_gflops") or {}
+    if speed:
+        lines.append(
+            "Machine speed (1024² matmul, GFLOP/s fp32 / bf16): "
+            + ", ".join(f"{when} {v['fp32']} / {v['bf16']}" for when, v in speed.items())
+            + "; shared cores vary, so compare wall times at similar speeds."
+        )
+    return lines
+
+
 def results_markdown(results: dict[str, Any], cfg: Any) -> str:
     lines = [
         "# MedVL-SAM2 demo results" + (" (quick smoke run)" if results["quick"] else ""),
         "",
         f"Test split of the demo dataset; {results['date']}; {results['machine']}.",
         f"Wall time {results['wall_seconds'] / 60:.1f} min, peak memory {results['peak_memory_gib']:.2f} GiB.",
+        *_time_lines(results),
         "",
         "## Quality targets",
         "",

@@ -12,6 +12,8 @@ box says where; a text-to-box-to-SAM chain as in grounded-SAM pipelines).
 The pass streams slice by slice: each slice is encoded when it is visited and the memory bank
 keeps only what SAM2 can attend to (``num_maskmem`` frames, the object-pointer window and the
 ``max_cond_frames_in_attn`` nearest conditioning frames), so memory and time are linear in D.
+When no slice is left to read memory (every slice of a box carries the box), the prompted slices
+go through the SAM heads as one batch and no memory is encoded.
 """
 
 from __future__ import annotations
@@ -550,7 +552,7 @@ class SAM2VolumeDecoder(MaskDecoder):
     def _decode_unremembered(
         self, norm: torch.Tensor, b: int, group: _Group, prompts: Prompts, state: dict
     ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """``(slice, masks, iou, score)`` of a group whose every slice is a conditioning slice.
+        """``(slice, masks, iou, score)`` of a group whose propagation visits no unprompted slice.
 
         Conditioning slices are decoded without memory, and no slice of the group is left to
         read theirs (a box spanning the object's slices, with ``box_bounds_depth``), so the
