@@ -36,6 +36,12 @@ def test_demo_writes_results_samples_pictures_and_a_model(tmp_path):
         assert t["no_image_baseline"] is None if "interactive" in t["metric"] or "referring" in t["metric"] else 0 <= t["no_image_baseline"] <= 1
     text = results.read_text()
     assert "## Quality targets" in text and "| semantic_seg | dice/brain_stem |" in text
+    # where the time went, and how fast the machine was while it went (shared cores vary)
+    stages = data["stage_seconds"]
+    assert list(stages) == ["data and setup", "align", "text", "ground", "joint", "test", "export and pictures"]
+    assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= data["wall_seconds"] + 1
+    assert all(data["matmul_gflops"][when][dt] > 0 for when in ("before", "after") for dt in ("fp32", "bf16"))
+    assert "Minutes by stage: data and setup " in text and "Machine speed (1024² matmul" in text
     assert "| what | value | target | met | no-image baseline |" in text and "The no-image baseline never looks" in text
     assert "## Report, case" in (out / "samples.md").read_text()
     for name in ("semantic_seg.png", "referring_seg.png", "interactive_seg.png", "dice_vs_clicks.png", "training_curves.png"):
