@@ -128,7 +128,6 @@ def _stage_clock() -> Any:
         def __init__(self) -> None:
             self.seconds: dict[str, float] = {}
             self._begin = 0.0
-
             self.first_start: float | None = None
             self.last_end = 0.0
 
