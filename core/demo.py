@@ -81,6 +81,7 @@ def run_demo(
         "peak_memory_gib": round(peak_gib, 2),
         "stage_seconds": {**{name: round(sec, 1) for name, sec in stage_seconds.items()},
                           "export and pictures": round(wall - train_seconds, 1)},
+        "test_seconds_by_task": {name: round(sec, 1) for name, sec in clock.test_seconds.items()},
         # the same machine runs up to about 2x slower at times (shared cores): compare runs by this
         "matmul_gflops": {"before": speed_before, "after": matmul_speed()},
         "machine": f"{platform.processor() or platform.machine()}, {_cores()} cores, {platform.python_version()}",
@@ -121,15 +122,27 @@ def matmul_speed(size: int = 1024, seconds: float = 0.3) -> dict[str, float]:
 
 
 def _stage_clock() -> Any:
-    """A Lightning callback that times each training stage (by its module's stage name)."""
+    """A Lightning callback that times each training stage (by its module's stage name) and
+    the test batches of each task."""
     import lightning as L
 
     class StageClock(L.Callback):
         def __init__(self) -> None:
             self.seconds: dict[str, float] = {}
+            self.test_seconds: dict[str, float] = {}
             self._begin = 0.0
+            self._batch = 0.0
             self.first_start: float | None = None
             self.last_end = 0.0
+
+        def on_test_batch_start(self, trainer: Any, module: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+            self._batch = time.perf_counter()
+
+        def on_test_batch_end(
+            self, trainer: Any, module: Any, outputs: Any, batch: Any, batch_idx: int, dataloader_idx: int = 0
+        ) -> None:
+            task = str(batch.get("task", "?")) if isinstance(batch, dict) else "?"
+            self.test_seconds[task] = self.test_seconds.get(task, 0.0) + time.perf_counter() - self._batch
 
         def on_train_start(self, trainer: Any, module: Any) -> None:
             self._begin = time.perf_counter()
@@ -181,6 +194,9 @@ def _time_lines(results: dict[str, Any]) -> list[str]:
     stages = results.get("stage_seconds") or {}
     if stages:
         lines.append("Minutes by stage: " + "; ".join(f"{name} {sec / 60:.1f}" for name, sec in stages.items()) + ".")
+    tests = results.get("test_seconds_by_task") or {}
+    if tests:
+        lines.append("Test minutes by task: " + "; ".join(f"{name} {sec / 60:.1f}" for name, sec in tests.items()) + ".")
     speed = results.get("matmul_gflops") or {}
     if speed:
         lines.append(

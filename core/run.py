@@ -19,6 +19,7 @@ import logging
 import shutil
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -192,9 +193,9 @@ def fit(
 ) -> Path:
     """Train every stage in order (or ``only_stage``), each from the previous stage's weights.
 
-    ``callbacks`` are extra Lightning callbacks for every stage's trainer. ``keep``, when
-    given, receives the final module (``keep["module"]``) and test predictions
-    (``keep["predictions"]``) for callers that go on with them (the demo).
+    ``callbacks`` are extra Lightning callbacks for every stage's trainer and for the test
+    after the last stage. ``keep``, when given, receives the final module (``keep["module"]``)
+    and test predictions (``keep["predictions"]``) for callers that go on with them (the demo).
     """
     import lightning as L
 
@@ -257,7 +258,7 @@ def fit(
         keep["module"] = module
     if module is not None and cfg.trainer.test_after_fit:
         if len(_datamodule(cfg, module, stages[-1]).split("test")) > 0:
-            _, predictions = evaluate_module(cfg, module, split="test")
+            _, predictions = evaluate_module(cfg, module, split="test", callbacks=callbacks)
             if keep is not None:
                 keep["predictions"] = predictions
     if previous is not None and previous.is_file():
@@ -286,13 +287,16 @@ def evaluate(cfg: DictConfig, ckpt: str | Path | None, *, split: str = "test") -
     return metrics
 
 
-def evaluate_module(cfg: DictConfig, module: Any, *, split: str = "test") -> tuple[dict[str, float], dict[str, list]]:
-    """Score a built module on ``split``; returns the metrics and every task's predictions."""
+def evaluate_module(
+    cfg: DictConfig, module: Any, *, split: str = "test", callbacks: Sequence[Any] = ()
+) -> tuple[dict[str, float], dict[str, list]]:
+    """Score a built module on ``split``; returns the metrics and every task's predictions.
+    ``callbacks`` are extra Lightning callbacks for the evaluation trainer."""
     folder = run_dir(cfg)
     stage = StageConfig(name=split, tasks=list(dict.fromkeys(t["name"] for t in cfg.tasks)))
     datamodule = _datamodule(cfg, module, stage)
     datamodule.split(split)  # bad dataset files fail here, before Lightning starts
-    trainer = _trainer(cfg, stage, folder, training=False)
+    trainer = _trainer(cfg, stage, folder, training=False, extra_callbacks=list(callbacks))
     if split == "test":
         trainer.test(module, datamodule=datamodule)
     else:

@@ -42,6 +42,9 @@ def test_demo_writes_results_samples_pictures_and_a_model(tmp_path):
     assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= data["wall_seconds"] + 1
     assert all(data["matmul_gflops"][when][dt] > 0 for when in ("before", "after") for dt in ("fp32", "bf16"))
     assert "Minutes by stage: data and setup " in text and "Machine speed (1024² matmul" in text
+    by_task = data["test_seconds_by_task"]  # the test trainer gets the demo's clock too
+    assert tasks <= set(by_task) and 0 < sum(by_task.values()) <= stages["test"] + 1, by_task
+    assert "Test minutes by task: " in text
     assert "| what | value | target | met | no-image baseline |" in text and "The no-image baseline never looks" in text
     assert "## Report, case" in (out / "samples.md").read_text()
     for name in ("semantic_seg.png", "referring_seg.png", "interactive_seg.png", "dice_vs_clicks.png", "training_curves.png"):
