@@ -18,6 +18,7 @@ go through the SAM heads as one batch and no memory is encoded.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 from collections import OrderedDict
@@ -402,7 +403,7 @@ class SAM2VolumeDecoder(MaskDecoder):
         if prompts.points is not None:
             own |= (prompts.point_labels >= 0).any(-1)
         voxel = torch.where(own[..., None], user, voxel)
-        return Prompts(prompts.text_embeds, prompts.points, prompts.point_labels, voxel, prompts.valid)
+        return dataclasses.replace(prompts, boxes=voxel)
 
     # -- prompts -> groups and per-slice point inputs --------------------------------------------
     def _groups(self, prompts: Prompts, b: int, depth: int) -> list[_Group]:
@@ -474,6 +475,7 @@ class SAM2VolumeDecoder(MaskDecoder):
         reverse: bool,
         is_cond: bool,
         remember: bool = True,
+        slice_inputs: Sequence[dict | None] | None = None,
     ) -> tuple[dict | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Slices through SAM2: memory-conditioned features, SAM heads, new memory.
 
@@ -486,6 +488,7 @@ class SAM2VolumeDecoder(MaskDecoder):
         Several ``slices`` go through as one batch (rows slice-major: slice, then object) only
         as conditioning slices whose memory nobody reads (``remember=False``); they must carry
         prompts of one layout (the same number of points). Outputs are ``(len(slices) * g, ...)``.
+        ``slice_inputs``: each slice's ``_point_inputs`` when the caller has them already.
         """
         if len(slices) > 1 and (remember or not is_cond):
             raise ValueError("several slices decode together only as conditioning slices without memory")
@@ -498,7 +501,9 @@ class SAM2VolumeDecoder(MaskDecoder):
         pos = [torch.cat([e[1][0] for e in encoded], dim=1)]
         point_inputs = None
         if is_cond:
-            per_slice = [self._point_inputs(prompts, b, group.objects, d, hw) for d in slices]
+            per_slice = slice_inputs if slice_inputs is not None else [
+                self._point_inputs(prompts, b, group.objects, d, hw) for d in slices
+            ]
             if per_slice[0] is not None:
                 point_inputs = {k: torch.cat([p[k] for p in per_slice]) for k in per_slice[0]}
         rows, c = feats[-1].shape[1], sam.hidden_dim
@@ -560,13 +565,16 @@ class SAM2VolumeDecoder(MaskDecoder):
         per prompt layout, with the same outputs as one slice at a time.
         """
         hw = tuple(norm.shape[-2:])
-        layouts: dict[int, list[int]] = {}
+        layouts: dict[int, list[tuple[int, dict | None]]] = {}
         for d in group.cond:
             inputs = self._point_inputs(prompts, b, group.objects, d, hw)
-            layouts.setdefault(0 if inputs is None else inputs["point_coords"].shape[1], []).append(d)
+            layouts.setdefault(0 if inputs is None else inputs["point_coords"].shape[1], []).append((d, inputs))
         g = len(group.objects)
-        for slices in layouts.values():
-            _, masks, ious, scores = self._step(norm, b, slices, group, prompts, state, False, True, remember=False)
+        for layout in layouts.values():
+            slices = [d for d, _ in layout]
+            _, masks, ious, scores = self._step(
+                norm, b, slices, group, prompts, state, False, True, remember=False, slice_inputs=[i for _, i in layout]
+            )
             for i, d in enumerate(slices):
                 rows = slice(i * g, (i + 1) * g)
                 yield d, masks[rows], ious[rows], scores[rows]

@@ -26,7 +26,7 @@ import logging
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, ClassVar
 
 import numpy as np
@@ -303,9 +303,7 @@ def _on(prompts: Prompts | None, device: torch.device) -> Prompts:
     def move(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(device)
 
-    return Prompts(
-        move(prompts.text_embeds), move(prompts.points), move(prompts.point_labels), move(prompts.boxes), move(prompts.valid)
-    )
+    return replace(prompts, **{f.name: move(getattr(prompts, f.name)) for f in fields(prompts)})
 
 
 # -- the shared base -------------------------------------------------------------------------
@@ -612,7 +610,7 @@ class SemanticSegTask(_SegmentationTask):
                 missing += sum(b is None for b in boxes)
             dec = model.decoder(
                 volume,
-                Prompts(text_embeds=out.seg_embeds, points=extra.points, point_labels=extra.point_labels, boxes=extra.boxes),
+                replace(extra, text_embeds=out.seg_embeds),
                 out.encoder_output,
             )
             p = dec.masks[0].float().sigmoid()
@@ -820,7 +818,7 @@ class ReferringSegTask(_SegmentationTask):
         extra = _on(extra, volume.device)
         dec = model.decoder(
             volume,
-            Prompts(text_embeds=embeds, points=extra.points, point_labels=extra.point_labels, boxes=extra.boxes),
+            replace(extra, text_embeds=embeds),
             model.encoder(volume),
         )
         probs = dec.masks[:, 0].float().sigmoid()
