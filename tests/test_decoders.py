@@ -142,6 +142,28 @@ def test_pooled_tinyvit_embedding_runs_the_heads_on_a_coarser_grid_and_still_seg
             SAM2VolumeDecoder(SAM2VolumeConfig(**bad))
 
 
+def test_one_click_uses_litemedsams_single_mask_output_and_sam2s_candidates_with_hiera(hiera_decoder, monkeypatch):
+    """LiteMedSAM's heads learned one mask output; SAM2's Hiera heads choose among several."""
+    volume, mask = ellipsoid((3, 64, 64), (1.0, 31.5, 31.5), (1.5, 12.0, 16.0))
+    click = Prompts(points=torch.tensor([[[[1.0, 31.0, 31.0]]]]), point_labels=torch.ones(1, 1, 1, dtype=torch.long))
+    for decoder, expected in (
+        (SAM2VolumeDecoder(SAM2VolumeConfig(embedding_pool=2)).eval(), False),
+        (SAM2VolumeDecoder(SAM2VolumeConfig(embedding_pool=2, multimask_output=True, pretrained=False)).eval(), True),
+        (hiera_decoder, True),
+    ):
+        seen = []
+        heads = decoder.sam._forward_sam_heads
+
+        def spy(*args, heads=heads, seen=seen, **kwargs):
+            seen.append(kwargs["multimask_output"])
+            return heads(*args, **kwargs)
+
+        monkeypatch.setattr(decoder.sam, "_forward_sam_heads", spy)
+        with torch.no_grad():
+            decoder(volume, click)
+        assert seen and seen[0] is expected, (decoder.cfg.image_encoder, seen)
+
+
 def test_image_encoder_runs_channels_last_with_the_features_of_a_plain_layout():
     """The TinyViT's weights and input are channels-last (faster convolutions); features match."""
     import copy

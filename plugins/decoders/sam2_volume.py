@@ -106,6 +106,11 @@ class SAM2VolumeConfig:
     #: the mask; the boxes come back in ``DecoderOutput.boxes``. The box enters the prompt
     #: detached: masks train the heads, the box loss trains the box head.
     text_box_head: bool = False
+    #: SAM's several mask candidates for a one-click prompt (SAM2 keeps the one with the best
+    #: predicted IoU). None: on for Hiera (SAM2's heads learned it), off for the TinyViT, whose
+    #: LiteMedSAM heads were trained with one mask output only (their other mask tokens give
+    #: logits near 0 everywhere on the demo's brains).
+    multimask_output: bool | None = None
 
 
 @dataclass
@@ -182,6 +187,8 @@ class SAM2VolumeDecoder(MaskDecoder):
             f"++model.num_maskmem={int(cfg.num_maskmem)}",
             f"++model.max_cond_frames_in_attn={int(cfg.max_cond_frames_in_attn)}",
         ]
+        multimask = cfg.multimask_output if cfg.multimask_output is not None else cfg.image_encoder == "hiera"
+        overrides.append(f"++model.multimask_output_in_sam={str(bool(multimask)).lower()}")
         if cfg.memory_attention_layers is not None:
             overrides.append(f"++model.memory_attention.num_layers={int(cfg.memory_attention_layers)}")
         if cfg.memory_dropout is not None:
