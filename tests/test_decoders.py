@@ -256,7 +256,8 @@ def test_box_prompted_slices_decode_as_one_batch_with_the_masks_of_one_slice_at_
 
         def one_at_a_time(self, norm, b, group, prompts, state):
             for d in group.cond:
-                _, m, i, s = self._step(norm, b, [d], group, prompts, state, False, True)
+                inputs = self._point_inputs(prompts, b, group.objects, d, tuple(norm.shape[-2:]))
+                _, m, i, s = self._step(norm, b, [d], group, state, False, True, inputs)
                 yield d, m, i, s
 
         monkeypatch.setattr(SAM2VolumeDecoder, "_decode_unremembered", one_at_a_time)

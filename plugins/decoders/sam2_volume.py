@@ -477,12 +477,11 @@ class SAM2VolumeDecoder(MaskDecoder):
         b: int,
         slices: Sequence[int],
         group: _Group,
-        prompts: Prompts,
         state: dict,
         reverse: bool,
         is_cond: bool,
+        point_inputs: dict | None = None,
         remember: bool = True,
-        slice_inputs: Sequence[dict | None] | None = None,
     ) -> tuple[dict | None, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Slices through SAM2: memory-conditioned features, SAM heads, new memory.
 
@@ -494,8 +493,8 @@ class SAM2VolumeDecoder(MaskDecoder):
 
         Several ``slices`` go through as one batch (rows slice-major: slice, then object) only
         as conditioning slices whose memory nobody reads (``remember=False``); they must carry
-        prompts of one layout (the same number of points). Outputs are ``(len(slices) * g, ...)``.
-        ``slice_inputs``: each slice's ``_point_inputs`` when the caller has them already.
+        prompts of one layout (the same number of points). ``point_inputs``: the conditioning
+        slices' ``_point_inputs``, rows in that order. Outputs are ``(len(slices) * g, ...)``.
         """
         if len(slices) > 1 and (remember or not is_cond):
             raise ValueError("several slices decode together only as conditioning slices without memory")
@@ -506,13 +505,6 @@ class SAM2VolumeDecoder(MaskDecoder):
         sizes = encoded[0][2]
         feats = [torch.cat([e[0][i] for e in encoded], dim=1) for i in range(len(sizes))]
         pos = [torch.cat([e[1][0] for e in encoded], dim=1)]
-        point_inputs = None
-        if is_cond:
-            per_slice = slice_inputs if slice_inputs is not None else [
-                self._point_inputs(prompts, b, group.objects, d, hw) for d in slices
-            ]
-            if per_slice[0] is not None:
-                point_inputs = {k: torch.cat([p[k] for p in per_slice]) for k in per_slice[0]}
         rows, c = feats[-1].shape[1], sam.hidden_dim
         top = feats[-1].permute(1, 2, 0).reshape(rows, c, *sizes[-1])
         mem_in, mem_pos, mem_size = top, pos[-1], sizes[-1]
@@ -578,10 +570,9 @@ class SAM2VolumeDecoder(MaskDecoder):
             layouts.setdefault(0 if inputs is None else inputs["point_coords"].shape[1], []).append((d, inputs))
         g = len(group.objects)
         for layout in layouts.values():
-            slices = [d for d, _ in layout]
-            _, masks, ious, scores = self._step(
-                norm, b, slices, group, prompts, state, False, True, remember=False, slice_inputs=[i for _, i in layout]
-            )
+            slices, per_slice = [d for d, _ in layout], [i for _, i in layout]
+            inputs = None if per_slice[0] is None else {k: torch.cat([p[k] for p in per_slice]) for k in per_slice[0]}
+            _, masks, ious, scores = self._step(norm, b, slices, group, state, False, True, inputs, remember=False)
             for i, d in enumerate(slices):
                 rows = slice(i * g, (i + 1) * g)
                 yield d, masks[rows], ious[rows], scores[rows]
@@ -611,7 +602,7 @@ class SAM2VolumeDecoder(MaskDecoder):
             else:
                 for d in group.cond:
                     state["cond_frame_outputs"][d], masks[d], ious[d], scores[d] = self._step(
-                        norm, b, [d], group, prompts, state, False, True
+                        norm, b, [d], group, state, False, True, self._point_inputs(prompts, b, group.objects, d, hw)
                     )
             for reverse, order in ((False, range(group.anchor + 1, group.hi + 1)), (True, range(group.anchor - 1, group.lo - 1, -1))):
                 recent: dict[int, dict] = {}
@@ -619,7 +610,7 @@ class SAM2VolumeDecoder(MaskDecoder):
                 for d in order:
                     if d in cond_set:
                         continue
-                    recent[d], masks[d], ious[d], scores[d] = self._step(norm, b, [d], group, prompts, state, reverse, False)
+                    recent[d], masks[d], ious[d], scores[d] = self._step(norm, b, [d], group, state, reverse, False)
                     for old in [i for i in recent if abs(i - d) >= keep]:
                         del recent[old]
         absent = norm.new_full((g, *hw), NO_OBJ_SCORE)
