@@ -54,6 +54,9 @@ class StageConfig:
     lr_per_component: dict[str, float] = field(default_factory=dict)
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    #: Training samples per batch in this stage; None: ``trainer.batch_size``. A stage whose
+    #: steps are cheap (short text answers, no decoder) can take more samples per step.
+    batch_size: int | None = None
 
 
 @dataclass
@@ -249,6 +252,8 @@ def validate_components(cfg: DictConfig) -> None:
         if value is not None and value < 1:
             raise ConfigError(f"config: trainer.{key}: expected at least 1, got {value}")
     for i, stage in enumerate(container["stages"]):
+        if stage["batch_size"] is not None and stage["batch_size"] < 1:
+            raise ConfigError(f"config: stages[{i}].batch_size: expected at least 1, got {stage['batch_size']}")
         for j, task in enumerate(stage["tasks"]):
             if task not in task_names:
                 raise ConfigError(

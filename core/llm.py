@@ -14,7 +14,9 @@ SEG_TOKEN = "[SEG]"
 
 @dataclass
 class LLMOutput:
-    logits: torch.Tensor  # (B, T, V)
+    #: ``(B, T, V)``; None from a pass given ``labels`` whose plugin computes the loss from the
+    #: answer positions alone (a training step reads only the loss and hidden states).
+    logits: torch.Tensor | None
     hidden_states: torch.Tensor  # (B, T, hidden_size): last layer
     loss: torch.Tensor | None = None
 

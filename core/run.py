@@ -127,7 +127,7 @@ def _datamodule(cfg: DictConfig, module: Any, stage: StageConfig) -> Any:
     return MedVLDataModule(
         stage_tasks,
         weights,
-        batch_size=cfg.trainer.batch_size,
+        batch_size=stage.batch_size or cfg.trainer.batch_size,
         eval_batch_size=cfg.trainer.eval_batch_size,
         num_workers=cfg.trainer.num_workers,
         steps_per_epoch=cfg.trainer.steps_per_epoch,

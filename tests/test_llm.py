@@ -73,6 +73,26 @@ def test_new_rows_learn_old_rows_stay(llama):
     opt.zero_grad()
 
 
+def test_labelled_pass_scores_the_answer_positions_as_the_full_logits_do(llama):
+    """With labels the loss comes from the output head at the labelled positions only; it is the
+    next-token cross-entropy of the full logits, and so are its gradients."""
+    ids = torch.tensor([[11, 12, llama.seg_token_id, 13, 14], [21, 22, 23, 24, 25]])
+    labels = torch.tensor([[-100, -100, llama.seg_token_id, 13, 14], [-100, -100, -100, 24, -100]])
+    mask = torch.ones_like(ids)
+    params = [p for p in llama.parameters() if p.requires_grad]
+    llama.eval()  # no LoRA dropout: both passes see the same network
+    full = llama(llama.embed_tokens(ids), mask)
+    want = torch.nn.functional.cross_entropy(full.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+    want_grads = torch.autograd.grad(want, params, allow_unused=True)
+    out = llama(llama.embed_tokens(ids), mask, labels=labels)
+    assert out.logits is None and out.hidden_states.shape[:2] == ids.shape
+    torch.testing.assert_close(out.loss, want)
+    for got, ref in zip(torch.autograd.grad(out.loss, params, allow_unused=True), want_grads):
+        assert (got is None) == (ref is None)
+        if got is not None:
+            torch.testing.assert_close(got, ref)
+
+
 def test_gpt2_family_and_plain_template():
     gpt2 = build("llms", "hf_causal", TINY_GPT2)
     assert set(gpt2.lora_target_modules) == {"c_attn", "c_proj", "c_fc"}

@@ -63,3 +63,32 @@ def test_evaluation_batches_take_eval_batch_size_and_cover_each_split_once():
         sizes[eval_size] = [[len(b) for b in bs] for bs in batches]
     assert sizes[None] == [[2] * 5, [2, 2, 2, 1]]  # default: the training batch size
     assert sizes[4] == [[4, 4, 2], [4, 3]]
+
+
+def test_a_stage_batch_size_sets_its_training_batches_and_leaves_evaluation_to_the_trainer():
+    from types import SimpleNamespace
+
+    import pytest
+    from omegaconf import OmegaConf
+
+    from medvlsam2.core.config import StageConfig, load_config
+    from medvlsam2.core.errors import ConfigError
+    from medvlsam2.core.run import _datamodule
+
+    class Task:
+        def samples(self, split):
+            return [{"i": i} for i in range(10)]
+
+    cfg = OmegaConf.create({"tasks": [{"name": "a"}], "trainer": {"batch_size": 2, "eval_batch_size": None,
+                                                                   "num_workers": 0, "steps_per_epoch": 3}, "seed": 0})
+    module = SimpleNamespace(tasks={"a": Task()}, task_weights={"a": 1.0})
+    sizes = {}
+    for stage_size in (None, 8):
+        data = _datamodule(cfg, module, StageConfig(name="s", tasks=["a"], batch_size=stage_size))
+        data.trainer = None
+        sizes[stage_size] = {len(b) for b in data.train_dataloader().batch_sampler}
+    assert sizes == {None: {2}, 8: {8}}
+    evaluation = _datamodule(cfg, module, StageConfig(name="test", tasks=["a"]))
+    assert evaluation.batch_size == 2
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.batch_size: expected at least 1, got 0"):
+        load_config([], ["tasks=[]", "stages=[{name: s, batch_size: 0}]"])

@@ -31,6 +31,7 @@ from torch import nn
 
 from medvlsam2.core.errors import ConfigError, InputError
 from medvlsam2.core.llm import IMAGE_TOKEN, SEG_TOKEN, LanguageModel, LLMOutput
+from medvlsam2.core.splice import IGNORE_INDEX
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GPT2_BPE = "gpt2_bpe"
@@ -290,14 +291,26 @@ class HFCausalLM(LanguageModel):
         attention_mask: torch.Tensor,
         labels: torch.Tensor | None = None,
     ) -> LLMOutput:
+        """Without ``labels``: logits at every position. With them: the mean next-token
+        cross-entropy over the labelled positions, with the output head applied at those
+        positions only (the answers are a small part of a sequence that holds the visual
+        tokens and the prompt; the full ``(B, T, V)`` logits and their softmax took about a
+        tenth of a training step), and no logits."""
         out = self.model(
             inputs_embeds=inputs_embeds.to(self.dtype),
             attention_mask=attention_mask,
-            labels=labels,
             output_hidden_states=True,
             use_cache=False,
+            **({"logits_to_keep": 1} if labels is not None else {}),
         )
-        return LLMOutput(logits=out.logits, hidden_states=out.hidden_states[-1], loss=out.loss)
+        hidden = out.hidden_states[-1]
+        if labels is None:
+            return LLMOutput(logits=out.logits, hidden_states=hidden)
+        targets = labels[:, 1:].to(hidden.device)
+        keep = targets != IGNORE_INDEX
+        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
+        loss = nn.functional.cross_entropy(logits.float(), targets[keep])
+        return LLMOutput(logits=None, hidden_states=hidden, loss=loss)
 
     def format_prompt(self, user_text: str) -> str:
         tok = self.tokenizer
