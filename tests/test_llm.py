@@ -73,9 +73,12 @@ def test_new_rows_learn_old_rows_stay(llama):
     opt.zero_grad()
 
 
-def test_labelled_pass_scores_the_answer_positions_as_the_full_logits_do(llama):
+@pytest.mark.parametrize("family", [TINY_LLAMA, TINY_GPT2], ids=["llama", "gpt2"])
+def test_labelled_pass_scores_the_answer_positions_as_the_full_logits_do(family):
     """With labels the loss comes from the output head at the labelled positions only; it is the
     next-token cross-entropy of the full logits, and so are its gradients."""
+    llama = build("llms", "hf_causal", family)
+    assert llama.head_only_loss
     ids = torch.tensor([[11, 12, llama.seg_token_id, 13, 14], [21, 22, 23, 24, 25]])
     labels = torch.tensor([[-100, -100, llama.seg_token_id, 13, 14], [-100, -100, -100, 24, -100]])
     mask = torch.ones_like(ids)
@@ -91,6 +94,15 @@ def test_labelled_pass_scores_the_answer_positions_as_the_full_logits_do(llama):
         assert (got is None) == (ref is None)
         if got is not None:
             torch.testing.assert_close(got, ref)
+
+
+def test_families_that_transform_their_logits_keep_the_models_own_loss():
+    capped = build("llms", "hf_causal", {**TINY_LLAMA, "model_type": "gemma2",
+                                         "model_config": {**TINY_LLAMA["model_config"], "head_dim": 16}})
+    assert not capped.head_only_loss
+    ids = torch.tensor([[5, 6, capped.seg_token_id, 7]])
+    out = capped(capped.embed_tokens(ids), torch.ones_like(ids), labels=ids)
+    assert out.logits is not None and out.loss is not None
 
 
 def test_gpt2_family_and_plain_template():

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import pytest
+
 from medvlsam2.core.data import TaskMixDataset, WeightedTaskBatchSampler
 
 
@@ -68,7 +70,6 @@ def test_evaluation_batches_take_eval_batch_size_and_cover_each_split_once():
 def test_a_stage_batch_size_sets_its_training_batches_and_leaves_evaluation_to_the_trainer():
     from types import SimpleNamespace
 
-    import pytest
     from omegaconf import OmegaConf
 
     from medvlsam2.core.config import StageConfig, load_config

@@ -52,6 +52,11 @@ LORA_TARGETS: dict[str, list[str]] = {
 
 PLAIN_TEMPLATE = "{system}### User:\n{user}\n### Assistant:\n"
 
+#: Config keys of families whose logits are more than the output head of the last hidden state
+#: (Gemma 2's soft-capping, Cohere's and Granite's scaling): their labelled passes keep the
+#: model's own loss.
+LOGIT_TRANSFORMS = ("final_logit_softcapping", "logit_scale", "logits_scaling")
+
 
 @dataclass
 class HFCausalConfig:
@@ -183,6 +188,7 @@ class HFCausalLM(LanguageModel):
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             model.config.use_cache = False
+        self.head_only_loss = not any(getattr(model.config, key, None) for key in LOGIT_TRANSFORMS)
         self.model = self._wrap(model)
         self.tokenizer = tokenizer
 
@@ -295,17 +301,19 @@ class HFCausalLM(LanguageModel):
         cross-entropy over the labelled positions, with the output head applied at those
         positions only (the answers are a small part of a sequence that holds the visual
         tokens and the prompt; the full ``(B, T, V)`` logits and their softmax took about a
-        tenth of a training step), and no logits."""
+        tenth of a training step), and no logits. Families that transform their logits
+        (``LOGIT_TRANSFORMS``) keep the model's own loss and logits."""
+        fast = labels is not None and self.head_only_loss
         out = self.model(
             inputs_embeds=inputs_embeds.to(self.dtype),
             attention_mask=attention_mask,
             output_hidden_states=True,
             use_cache=False,
-            **({"logits_to_keep": 1} if labels is not None else {}),
+            **({"logits_to_keep": 1} if fast else {"labels": labels}),
         )
         hidden = out.hidden_states[-1]
-        if labels is None:
-            return LLMOutput(logits=out.logits, hidden_states=hidden)
+        if not fast:
+            return LLMOutput(logits=out.logits, hidden_states=hidden, loss=out.loss)
         targets = labels[:, 1:].to(hidden.device)
         keep = targets != IGNORE_INDEX
         logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
