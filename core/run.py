@@ -17,7 +17,9 @@ import csv
 import json
 import logging
 import shutil
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -112,6 +114,32 @@ def _trainer(
         enable_checkpointing=training,
         enable_model_summary=False,
     )
+
+
+def _deferred_sigint() -> Any:
+    """A callback whose ``handle`` is fit's SIGINT handler: Ctrl-C takes effect at the end of the
+    current batch, as KeyboardInterrupt, which Lightning ends with its exception checkpoint.
+    Python's own handler raises wherever the main thread is, and a KeyboardInterrupt raised
+    inside a finalizer (``__del__``) is printed and dropped, so a run could miss a Ctrl-C. A
+    second Ctrl-C before the batch ends raises at once."""
+    import lightning as L
+
+    class DeferredSigint(L.Callback):
+        def __init__(self) -> None:
+            self.pending = False
+
+        def handle(self, signum: int, frame: Any) -> None:
+            if self.pending:
+                raise KeyboardInterrupt
+            self.pending = True
+
+        def _raise_if_pending(self, *args: Any) -> None:
+            if self.pending:
+                raise KeyboardInterrupt
+
+        on_train_batch_end = on_validation_batch_end = _raise_if_pending
+
+    return DeferredSigint()
 
 
 def _datamodule(cfg: DictConfig, module: Any, stage: StageConfig) -> Any:
@@ -236,9 +264,16 @@ def fit(
         datamodule = _datamodule(cfg, module, stage)
         datamodule.split("train")  # bad dataset files fail here, before Lightning starts
         has_validation = len(datamodule.split("validation")) > 0
+        interrupt = _deferred_sigint()
         trainer = _trainer(
-            cfg, stage, folder, training=True, extra_callbacks=list(callbacks), validate=has_validation
+            cfg, stage, folder, training=True, extra_callbacks=[*callbacks, interrupt], validate=has_validation
         )
+        # a process started with SIGINT ignored (a background job) keeps ignoring it
+        own_sigint = (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+        )
+        sigint_before = signal.signal(signal.SIGINT, interrupt.handle) if own_sigint else None
         try:
             trainer.fit(module, datamodule=datamodule, ckpt_path=resume_from, weights_only=True)
         except SystemExit as stop:
@@ -248,10 +283,15 @@ def fit(
 
             name = "SIGTERM" if isinstance(stop, SIGTERMException) else "SIGINT"
             raise RunInterrupted(name, str(folder), str(last) if last.is_file() else None) from stop
+        finally:
+            if own_sigint:
+                signal.signal(signal.SIGINT, sigint_before)
         if trainer.global_rank == 0:
             state["completed"].append(stage.name)
             atomic_write_text(folder / "state.json", json.dumps(state, indent=2))
             _write_metrics(folder, module.last_metrics, names)
+        if interrupt.pending:  # Ctrl-C after the stage's last batch: it is finished, stop here
+            raise RunInterrupted("SIGINT", str(folder), str(last) if last.is_file() else None)
         if last.is_file():  # fast_dev_run writes no checkpoint; the next stage then starts fresh
             previous = last
     if keep is not None:

@@ -171,3 +171,18 @@ def test_out_of_memory_on_one_case_keeps_the_others(tmp_path, capfd, monkeypatch
     assert main([*base, "--volume", str(cases / "b.nii.gz"), "--out", str(tmp_path / "one")]) == 2
     lines = capfd.readouterr().err.strip().splitlines()
     assert lines == [f"medvlsam2: error: {cases / 'b.nii.gz'}: out of memory (try a smaller preprocess.spatial_size)"]
+
+
+def test_ctrl_c_during_fit_waits_for_the_batch_end_and_a_second_one_does_not():
+    """fit's SIGINT handler only marks the interrupt; it is raised at the end of the batch (a
+    KeyboardInterrupt raised inside a finalizer would be dropped). A second Ctrl-C raises at once."""
+    from medvlsam2.core.run import _deferred_sigint
+
+    interrupt = _deferred_sigint()
+    interrupt.on_train_batch_end(None, None, None, None, 0)  # nothing pending: training goes on
+    interrupt.handle(signal.SIGINT, None)
+    assert interrupt.pending
+    with pytest.raises(KeyboardInterrupt):
+        interrupt.on_train_batch_end(None, None, None, None, 0)
+    with pytest.raises(KeyboardInterrupt):
+        interrupt.handle(signal.SIGINT, None)
