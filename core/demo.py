@@ -160,6 +160,7 @@ def blind_metrics(module: Any) -> dict[str, float]:
     """Test metrics of every task's no-image baseline (``blind_predictions``, fitted on the
     training split): what a score is worth without looking at the volume."""
     out: dict[str, float] = {}
+    module.eval()  # prompts and answers as evaluation writes them (training draws templates and packs targets)
     for name, task in module.tasks.items():
         rows = task.blind_predictions("test", "train")
         if rows:

@@ -169,3 +169,34 @@ def test_bad_task_options_name_the_path(tmp_path, data_root):
     bad = task_yaml(data_root, "m3d_cap", "report_generation").replace("root:", "rot:")
     with pytest.raises(ConfigError, match=r"unknown key 'tasks\[0\].data.rot' \(did you mean 'root'\?\)"):
         load_config([run_config(tmp_path, bad)])
+
+
+def test_grounding_packs_several_structures_into_one_training_answer_and_evaluates_one(data_root):
+    import random
+    import re
+
+    from medvlsam2.core.registry import build
+
+    splits = {"train": "training", "validation": None, "test": "test"}
+    data = {"format": "nifti_json", "root": str(data_root), "splits": splits, "preprocess": {"preset": "mri", "spatial_size": [8, 32, 32]}}
+    task = build("tasks", "grounding", {"data": data, "mode": "rec", "max_targets": 2})
+    samples = task.samples("train")
+    task.eval()
+    single = task.collate(samples)
+    truth = {s["description"]: a for s, a in zip(single["samples"], single["answers"])}  # own box per structure
+    task.train()
+    random.seed(0)
+    packed = [a for _ in range(10) for a in task.collate(samples)["answers"]]
+    many = [a for a in packed if a.count("[") == 2]
+    assert many and len(many) < len(packed)  # 1 or 2 structures per answer
+    for answer in many:
+        parts = re.findall(r"(the \w+) (\[[^\]]+\])", answer)
+        assert {d for d, _ in parts} == {"the lesion", "the ventricle"}
+        assert all(parse_box_text(b) is not None for _, b in parts)
+    # the ventricle is at the same place in every volume: its packed box is its single box
+    assert {b for a in many for d, b in re.findall(r"(the \w+) (\[[^\]]+\])", a) if d == "the ventricle"} == {truth["the ventricle"]}
+    assert all("Where are the" in p or "Give the bounding boxes of the" in p for p in task.collate(samples)["prompts"] if " and " in p)
+    task.eval()
+    assert task.collate(samples)["answers"] == single["answers"]  # evaluation: one box per prompt
+    with pytest.raises(ConfigError, match="max_targets: expected at least 1"):
+        build("tasks", "grounding", {"data": data, "max_targets": 0})

@@ -45,6 +45,12 @@ def _split_names(data: dict[str, Any]) -> dict[str, str | None]:
     return names
 
 
+def join_names(names: Sequence[str]) -> str:
+    """``["a", "b", "c"]`` -> ``"a, b and c"``."""
+    names = list(names)
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
 def reader_args(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in ("format", "splits")}
 

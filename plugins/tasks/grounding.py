@@ -5,6 +5,9 @@
   answer with no parseable box counts as IoU 0 (and in ``parse_failure_rate``).
 * REG — a box in (written into the prompt the same way), the description out; scored with
   text metrics and exact match.
+* With ``max_targets`` > 1, a training REC sample of a label map asks for 1..max_targets of the
+  volume's structures at once and is answered ``the a [box], the b [box]``: one pass over the
+  image and prompt teaches several boxes. Evaluation asks for one structure at a time.
 
 Data: any reader whose samples carry a ``label`` mask with named labels (``nifti_json``: one
 sample per named structure present, description "the {name}") or a referring sample
@@ -13,6 +16,7 @@ sample per named structure present, description "the {name}") or a referring sam
 
 from __future__ import annotations
 
+import random
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,7 +26,7 @@ import numpy as np
 import torch
 
 from medvlsam2.core.errors import ConfigError, InputError
-from medvlsam2.plugins.tasks.base import TaskConfig
+from medvlsam2.plugins.tasks.base import TaskConfig, join_names
 from medvlsam2.plugins.tasks.language import GenerationConfig, TrunkTextTask, score_text
 
 NUMBER = r"[-+]?\d*\.?\d+"
@@ -61,6 +65,9 @@ class GroundingConfig(TaskConfig):
     text_metrics: list[str] = field(default_factory=lambda: ["bleu", "rouge"])
     #: Label names to ground (nifti_json); empty = every named label present in the volume.
     structures: list[str] = field(default_factory=list)
+    #: Training only: most structures one REC sample of a label map asks for (1..max_targets,
+    #: drawn per sample); 1 = one box per answer, as evaluated.
+    max_targets: int = 1
 
 
 class GroundingTask(TrunkTextTask):
@@ -75,6 +82,10 @@ class GroundingTask(TrunkTextTask):
         "reg": [
             "What is in the box {box}?",
             "Describe the region {box}.",
+        ],
+        "rec_many": [
+            "Where are {descriptions}? Answer with a 3D box for each.",
+            "Give the bounding boxes of {descriptions}.",
         ],
     }
 
@@ -94,6 +105,8 @@ class GroundingTask(TrunkTextTask):
         super().check_config(cfg, path)
         if cfg.mode not in ("rec", "reg", "both"):
             raise ConfigError(f"config: {path}.mode: '{cfg.mode}' is not one of rec, reg, both")
+        if cfg.max_targets < 1:
+            raise ConfigError(f"config: {path}.max_targets: expected at least 1, got {cfg.max_targets}")
 
     def samples(self, split: str) -> list[dict[str, Any]]:
         out = []
@@ -112,18 +125,36 @@ class GroundingTask(TrunkTextTask):
         wanted = set(self.cfg.structures)
         return [(f"the {name}", int(value)) for value, name in sorted(names.items()) if not wanted or name in wanted]
 
-    def _target_box(self, sample: dict[str, Any], record: Any) -> np.ndarray | None:
-        label = self.label_on_model_grid(sample, record)
-        mask = label > 0 if sample["label_value"] is None else label == sample["label_value"]
-        return mask_box(mask)
+    @staticmethod
+    def _box(label: np.ndarray, value: int | None) -> np.ndarray | None:
+        return mask_box(label > 0 if value is None else label == value)
+
+    def _packed(self, sample: dict[str, Any], label: np.ndarray, box: np.ndarray) -> tuple[str, str] | None:
+        """While training, with ``max_targets`` > 1: a prompt and answer for the sample's structure
+        and up to max_targets - 1 others present in its label map, in random order; None for one."""
+        count = random.randint(1, self.cfg.max_targets) if self.training and sample["label_value"] is not None else 1
+        if count == 1:
+            return None
+        others = [(d, b) for d, v in self._targets(sample) if v != sample["label_value"] and (b := self._box(label, v)) is not None]
+        chosen = [(sample["description"], box), *random.sample(others, min(count - 1, len(others)))]
+        if len(chosen) == 1:
+            return None
+        random.shuffle(chosen)
+        prompt = self.template("rec_many").format(descriptions=join_names([d for d, _ in chosen]))
+        return prompt, ", ".join(f"{d} {box_to_text(b)}" for d, b in chosen)
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         volumes, records = self.stack_volumes(samples)
         prompts, answers, boxes = [], [], []
         for sample, record in zip(samples, records):
-            box = self._target_box(sample, record)
+            label = self.label_on_model_grid(sample, record)
+            box = self._box(label, sample["label_value"])
             boxes.append(box)
-            if sample["kind"] == "rec":
+            packed = self._packed(sample, label, box) if sample["kind"] == "rec" and box is not None else None
+            if packed is not None:
+                prompts.append(packed[0])
+                answers.append(packed[1])
+            elif sample["kind"] == "rec":
                 prompts.append(self.template("rec").format(description=sample["description"]))
                 answers.append(box_to_text(box) if box is not None else "Not present.")
             else:

@@ -36,7 +36,7 @@ from medvlsam2.core.decoder import DecoderOutput, Prompts
 from medvlsam2.core.errors import ConfigError, InputError
 from medvlsam2.core.llm import IMAGE_TOKEN, SEG_TOKEN
 from medvlsam2.core.losses import SegLossConfig, SegmentationLoss
-from medvlsam2.plugins.tasks.base import MedVLTask, TaskConfig
+from medvlsam2.plugins.tasks.base import MedVLTask, TaskConfig, join_names
 from medvlsam2.plugins.tasks.grounding import box_to_text, parse_box_text
 from medvlsam2.plugins.tasks.grounding import mask_box as normalised_box
 
@@ -116,12 +116,6 @@ class InteractiveSegConfig(SegTaskConfig):
 
 
 # -- prompt text -----------------------------------------------------------------------------
-def join_names(names: Sequence[str]) -> str:
-    """``["a", "b", "c"]`` -> ``"a, b and c"``."""
-    names = list(names)
-    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-
-
 def seg_list(names: Sequence[str], boxes: Sequence[str | None] | None = None) -> str:
     """``["a", "b"]`` -> ``"a [SEG], b [SEG]"``: one [SEG] per object, in order; with ``boxes``
     (box texts, None for none) each [SEG] follows its object's box: ``"a [0.1, ...] [SEG], b [SEG]"``."""
