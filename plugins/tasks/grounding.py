@@ -132,13 +132,15 @@ class GroundingTask(TrunkTextTask):
     def _packed(self, sample: dict[str, Any], label: np.ndarray, box: np.ndarray) -> tuple[str, str] | None:
         """While training, with ``max_targets`` > 1: a prompt and answer for the sample's structure
         and up to max_targets - 1 others present in its label map, in random order; None for one."""
-        count = random.randint(1, self.cfg.max_targets) if self.training and sample["label_value"] is not None else 1
-        if count == 1:
+        own = sample["label_value"]
+        if not self.training or own is None or self.cfg.max_targets == 1:
             return None
-        others = [(d, b) for d, v in self._targets(sample) if v != sample["label_value"] and (b := self._box(label, v)) is not None]
-        chosen = [(sample["description"], box), *random.sample(others, min(count - 1, len(others)))]
-        if len(chosen) == 1:
+        present = set(np.unique(label).tolist())
+        others = [(d, v) for d, v in self._targets(sample) if v != own and v in present]
+        extra = random.sample(others, min(random.randint(1, self.cfg.max_targets) - 1, len(others)))
+        if not extra:
             return None
+        chosen = [(sample["description"], box), *((d, self._box(label, v)) for d, v in extra)]
         random.shuffle(chosen)
         prompt = self.template("rec_many").format(descriptions=join_names([d for d, _ in chosen]))
         return prompt, ", ".join(f"{d} {box_to_text(b)}" for d, b in chosen)
