@@ -184,7 +184,7 @@ def run_cell(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
 
     import lightning as L
 
-    from medvlsam2.core.config import StageConfig
+    from medvlsam2.core.config import StageConfig, stage_runs
     from medvlsam2.core.engine import MedVLModule
     from medvlsam2.core.export import trained_names
     from medvlsam2.core.run import evaluate_module, fit, load_weights, stages_of
@@ -223,7 +223,7 @@ def run_cell(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     module.apply_stage(last)
     module.train()
     flops, weights = [], []
-    for key in [k for k, e in zip(module.tasks, cfg.tasks) if e["name"] in last.tasks]:
+    for key in [k for k, e in zip(module.tasks, cfg.tasks) if stage_runs(last.tasks, k, e["name"])]:
         task = module.tasks[key]
         batch = first_batch(task, "train", int(cfg.trainer.batch_size), device)
         if batch is None:

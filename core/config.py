@@ -7,6 +7,7 @@ import code (``_target_``, ``class_path`` ...) and YAML python tags are refused.
 from __future__ import annotations
 
 import dataclasses
+from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +42,29 @@ class ModelConfig:
     seg_projector: SegProjectorConfig = field(default_factory=SegProjectorConfig)
 
 
+def task_keys(task_entries: Any) -> list[str]:
+    """One key per task entry: its name, or ``name_2``, ``name_3`` … when a name repeats."""
+    seen: dict[str, int] = defaultdict(int)
+    keys = []
+    for entry in task_entries:
+        seen[entry["name"]] += 1
+        keys.append(entry["name"] if seen[entry["name"]] == 1 else f"{entry['name']}_{seen[entry['name']]}")
+    return keys
+
+
+def stage_runs(stage_tasks: Sequence[str], key: str, name: str) -> bool:
+    """Whether a stage whose ``tasks`` list is ``stage_tasks`` trains the task entry with this
+    key and name: a name picks every entry of that name, a key (``semantic_seg_2``) just one."""
+    return key in stage_tasks or name in stage_tasks
+
+
 @dataclass
 class StageConfig:
     """One training stage: which tasks run and which components train."""
 
     name: str = MISSING
+    #: Task names (every entry of that name) or task keys (``semantic_seg_2``: the second
+    #: entry named ``semantic_seg``, as the metrics name it).
     tasks: list[str] = field(default_factory=list)
     trainable: list[str] = field(default_factory=list)
     max_steps: int = -1
@@ -254,11 +273,12 @@ def validate_components(cfg: DictConfig) -> None:
     for i, stage in enumerate(container["stages"]):
         if stage["batch_size"] is not None and stage["batch_size"] < 1:
             raise ConfigError(f"config: stages[{i}].batch_size: expected at least 1, got {stage['batch_size']}")
+        known = list(dict.fromkeys([*task_names, *task_keys([{"name": n} for n in task_names])]))
         for j, task in enumerate(stage["tasks"]):
-            if task not in task_names:
+            if task not in known:
                 raise ConfigError(
                     f"config: stages[{i}].tasks[{j}]: task '{task}' is not in `tasks`"
-                    f"{did_you_mean(task, task_names)}"
+                    f"{did_you_mean(task, known)}"
                 )
 
 

@@ -11,21 +11,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from medvlsam2.core.config import StageConfig
+from medvlsam2.core.config import StageConfig, task_keys
 from medvlsam2.core.errors import ConfigError, did_you_mean
 from medvlsam2.core.model import COMPONENTS, MedVLModel
 from medvlsam2.core.registry import get_host
 from medvlsam2.core.task import BaseTask
-
-
-def task_keys(task_entries: Any) -> list[str]:
-    """One key per task entry: its name, or ``name_2``, ``name_3`` … when a name repeats."""
-    seen: dict[str, int] = defaultdict(int)
-    keys = []
-    for entry in task_entries:
-        seen[entry["name"]] += 1
-        keys.append(entry["name"] if seen[entry["name"]] == 1 else f"{entry['name']}_{seen[entry['name']]}")
-    return keys
 
 
 def build_tasks(cfg: DictConfig) -> tuple[dict[str, BaseTask], dict[str, float]]:

@@ -28,7 +28,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from medvlsam2.core.checkpoint import AtomicCheckpointIO, atomic_write_text, load_checkpoint
-from medvlsam2.core.config import StageConfig, load_config, to_yaml
+from medvlsam2.core.config import StageConfig, load_config, stage_runs, task_keys, to_yaml
 from medvlsam2.core.errors import ConfigError, InputError, RunInterrupted, did_you_mean
 
 LIGHTNING_TRAINER_KEYS = (
@@ -144,11 +144,9 @@ def _deferred_sigint() -> Any:
 
 def _datamodule(cfg: DictConfig, module: Any, stage: StageConfig) -> Any:
     from medvlsam2.core.data import MedVLDataModule
-    from medvlsam2.core.engine import task_keys
-
     keys = task_keys(cfg.tasks)
     weights = {
-        key: module.task_weights[key] if entry["name"] in stage.tasks else 0.0
+        key: module.task_weights[key] if stage_runs(stage.tasks, key, entry["name"]) else 0.0
         for key, entry in zip(keys, cfg.tasks)
     }
     stage_tasks = {k: module.tasks[k] for k in keys if weights[k] > 0}

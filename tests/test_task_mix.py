@@ -93,3 +93,35 @@ def test_a_stage_batch_size_sets_its_training_batches_and_leaves_evaluation_to_t
     assert evaluation.batch_size == 2
     with pytest.raises(ConfigError, match=r"stages\[0\]\.batch_size: expected at least 1, got 0"):
         load_config([], ["tasks=[]", "stages=[{name: s, batch_size: 0}]"])
+
+
+def test_a_stage_picks_every_entry_of_a_task_name_or_one_entry_by_its_key():
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from medvlsam2.core.config import StageConfig, load_config
+    from medvlsam2.core.errors import ConfigError
+    from medvlsam2.core.run import _datamodule
+
+    class Task:
+        def samples(self, split):
+            return [{"i": i} for i in range(4)]
+
+    cfg = OmegaConf.create({"tasks": [{"name": "seg"}, {"name": "vqa"}, {"name": "seg"}],
+                            "trainer": {"batch_size": 2, "eval_batch_size": None, "num_workers": 0, "steps_per_epoch": 3},
+                            "seed": 0})
+    keys = ["seg", "vqa", "seg_2"]
+    module = SimpleNamespace(tasks={k: Task() for k in keys}, task_weights={"seg": 3.0, "vqa": 1.0, "seg_2": 2.0})
+    chosen = {}
+    for tasks in (["seg"], ["seg_2"], ["vqa", "seg_2"]):
+        data = _datamodule(cfg, module, StageConfig(name="s", tasks=tasks))
+        chosen[tuple(tasks)] = {k: w for k, w in data.weights.items() if w > 0}
+    assert chosen[("seg",)] == {"seg": 3.0, "seg_2": 2.0}
+    assert chosen[("seg_2",)] == {"seg_2": 2.0}
+    assert chosen[("vqa", "seg_2")] == {"vqa": 1.0, "seg_2": 2.0}
+    data = "data: {format: m3d_cap, root: reports}"
+    entries = f"tasks=[{{name: report_generation, {data}}}, {{name: report_generation, {data}}}]"
+    load_config([], [entries, "stages=[{name: s, tasks: [report_generation_2]}]"])
+    with pytest.raises(ConfigError, match=r"stages\[0\]\.tasks\[0\]: task 'report_generation_3' is not in `tasks`"):
+        load_config([], [entries, "stages=[{name: s, tasks: [report_generation_3]}]"])
