@@ -428,7 +428,7 @@ def run_peer(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
 
 
 def _task_name(cfg: Any, key: str) -> str:
-    from medvlsam2.core.engine import task_keys
+    from medvlsam2.core.config import task_keys
 
     return {k: e["name"] for k, e in zip(task_keys(cfg.tasks), cfg.tasks)}[key]
 

@@ -245,7 +245,7 @@ def predict(model: str | Path, source: str | Path, request: Request, out: str | 
     """Run every volume of ``source``; returns the number of failed cases."""
     import torch
 
-    from medvlsam2.core.engine import task_keys
+    from medvlsam2.core.config import task_keys
     from medvlsam2.core.export import load_module, model_config
     from medvlsam2.core.registry import get_host
     from medvlsam2.core.task import check_infer_prompts

@@ -144,7 +144,7 @@ class ModelService:
         self.model_path = Path(model)
         self.module, self.cfg, self.metadata = load_module(model)
         names = [str(entry["name"]) for entry in self.cfg.tasks]
-        from medvlsam2.core.engine import task_keys
+        from medvlsam2.core.config import task_keys
 
         self.task_keys: dict[str, str] = {}
         for key, name in zip(task_keys(self.cfg.tasks), names):
