@@ -532,6 +532,7 @@ def scripted_generate(texts, calls=None):
 
 
 def test_answer_boxes_at_inference_prompt_the_decoder_with_the_box_the_llm_writes(boxed, monkeypatch):
+    boxed.eval()  # inference templates (the first of each kind), whichever test ran before
     spy = DecoderSpy(monkeypatch, boxed.model.decoder)
     trunk = boxed.model.trunk
     semantic = boxed.tasks["semantic_seg"]
@@ -553,6 +554,25 @@ def test_answer_boxes_at_inference_prompt_the_decoder_with_the_box_the_llm_write
     first, second = spy.calls[-2:]
     assert first.boxes[0].tolist() == [[2, 0, 16, 5, 15, 31], [-1] * 6]  # brain stem: [SEG] alone
     assert second.boxes[0].tolist() == [[0, 8, 8, 7, 23, 23]]
+    # force_box: the answer is forced up to the box's "[", so every class gets a box
+    semantic.cfg.force_box = True
+    try:
+        calls = []
+        monkeypatch.setattr(trunk, "generate", scripted_generate([
+            "0.25, 0.00, 0.50, 0.75, 0.50, 1.00] [SEG]", "0.00, 0.25, 0.25, 1.00, 0.75, 0.75] [SEG]",
+        ], calls))
+        with torch.no_grad():
+            out = semantic.infer(boxed.model, volume, text="left thalamus, brain stem")
+        assert calls[0]["answer_prefix"] == ["left thalamus [", "brain stem ["]
+        assert "brain stem [0.00, 0.25, 0.25, 1.00, 0.75, 0.75] [SEG]" in out["text"] and out["boxes_missing"] == 0
+        assert spy.calls[-1].boxes[0].tolist() == [[2, 0, 16, 5, 15, 31], [0, 8, 8, 7, 23, 23]]
+        # the forced prefix is the start of what training answers tokenise to
+        prompt = semantic.fill("prompt", names="brain stem")
+        trained = trunk.tokenize([prompt], ["brain stem [0.00, 0.25, 0.25, 1.00, 0.75, 0.75] [SEG]."]).input_ids[0].tolist()
+        forced = trunk.tokenize([prompt], answer_prefix=["brain stem ["]).input_ids[0].tolist()
+        assert trained[: len(forced)] == forced
+    finally:
+        semantic.cfg.force_box = False
     # a user's box replaces the written one
     monkeypatch.setattr(trunk, "generate", scripted_generate(["[0.25, 0.00, 0.50, 0.75, 0.50, 1.00] [SEG]"]))
     with torch.no_grad():

@@ -90,6 +90,11 @@ class TextSegConfig(SegTaskConfig):
 class SemanticSegConfig(TextSegConfig):
     #: Most class names (hence [SEG] tokens) in one prompt; evaluation chunks longer lists.
     max_classes: int = 4
+    #: With ``answer_boxes``: at inference each class's answer is forced up to the opening "["
+    #: of its box, so the LLM always writes a box (it chooses the numbers). Without it the LLM
+    #: may end the answer or write [SEG] without a box, and the class is prompted by its [SEG]
+    #: alone; forcing also means an absent class still gets a box.
+    force_box: bool = False
 
 
 @dataclass
@@ -576,15 +581,17 @@ class SemanticSegTask(_SegmentationTask):
 
     def _write_boxes(self, model: Any, volume: torch.Tensor, names: Sequence[str]) -> list[str | None]:
         """Each name's box as the LLM writes it (``answer_boxes``): one prompt per name, the
-        answer forced up to the name and generated from there; None where it writes no box."""
+        answer forced up to the name (and with ``force_box`` the box's "[") and generated from
+        there; None where it writes no valid box."""
         head = self.template("answer").split("{segs}")[0]
         prompts = [self.fill("prompt", names=n) for n in names]
+        # without force_box, no trailing space: the answers trained on tokenise the space with the "["
+        bracket = " [" if self.cfg.force_box else ""
         gen = model.trunk.generate(
             volume.expand(len(names), *volume.shape[1:]), prompts,
-            # no trailing space: the answers trained on tokenise the space with the "["
-            answer_prefix=[f"{head}{n}" for n in names], max_new_tokens=self.cfg.box_tokens,
+            answer_prefix=[f"{head}{n}{bracket}" for n in names], max_new_tokens=self.cfg.box_tokens,
         )
-        boxes = [parse_box_text(t.split(SEG_TOKEN)[0]) for t in gen.text]
+        boxes = [parse_box_text(bracket.strip() + t.split(SEG_TOKEN)[0]) for t in gen.text]
         return [None if b is None else box_to_text(b) for b in boxes]
 
     def _segment(self, model: Any, volume: torch.Tensor, names: Sequence[str], prompts: Prompts | None = None) -> dict[str, Any]:
