@@ -400,6 +400,8 @@ def test_config_and_input_errors_name_the_problem(data_dirs, tmp_path):
         build("tasks", "semantic_seg", {"data": data, "prompts": {"answer": ["Done."]}}, path="tasks[0]")
     with pytest.raises(ConfigError, match="metrics_grid: 'file' is not one of original, model"):
         build("tasks", "semantic_seg", {"data": data, "metrics_grid": "file"})
+    with pytest.raises(ConfigError, match=r"\.force_box: .* needs answer_boxes: true"):
+        build("tasks", "semantic_seg", {"data": data, "force_box": True}, path="tasks[0]")
     with pytest.raises(ConfigError, match="train_prompts"):
         build("tasks", "interactive_seg", {"data": data, "train_prompts": ["scribble"]})
     referring = build("tasks", "referring_seg", {"data": data})

@@ -335,6 +335,8 @@ class _SegmentationTask(MedVLTask):
             raise ConfigError(f"config: {path}.box_jitter: expected a fraction in [0, 1), got {cfg.box_jitter}")
         if getattr(cfg, "answer_boxes", False) and cfg.box_tokens < 1:
             raise ConfigError(f"config: {path}.box_tokens: expected at least 1, got {cfg.box_tokens}")
+        if getattr(cfg, "force_box", False) and not cfg.answer_boxes:
+            raise ConfigError(f"config: {path}.force_box: forces the box an answer writes, so it needs answer_boxes: true")
         for kind, needed in cls.required_fields.items():
             for template in (cfg.prompts or {}).get(kind) or []:
                 if "{" + needed + "}" not in template:
