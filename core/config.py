@@ -270,7 +270,7 @@ def validate_components(cfg: DictConfig) -> None:
         value = container["trainer"][key]
         if value is not None and value < 1:
             raise ConfigError(f"config: trainer.{key}: expected at least 1, got {value}")
-    known = list(dict.fromkeys([*task_names, *task_keys([{"name": n} for n in task_names])]))  # names, then keys
+    known = task_keys([{"name": n} for n in task_names])  # every name, and name_2 … for a repeated one
     for i, stage in enumerate(container["stages"]):
         if stage["batch_size"] is not None and stage["batch_size"] < 1:
             raise ConfigError(f"config: stages[{i}].batch_size: expected at least 1, got {stage['batch_size']}")

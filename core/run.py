@@ -144,6 +144,7 @@ def _deferred_sigint() -> Any:
 
 def _datamodule(cfg: DictConfig, module: Any, stage: StageConfig) -> Any:
     from medvlsam2.core.data import MedVLDataModule
+
     keys = task_keys(cfg.tasks)
     weights = {
         key: module.task_weights[key] if stage_runs(stage.tasks, key, entry["name"]) else 0.0
