@@ -6,6 +6,11 @@ logit classified against "object present on this slice". As in SAM2's training l
 IoU term only counts on slices where the object is present. A decoder that predicts boxes for
 its objects (``DecoderOutput.boxes``) has them regressed onto the target masks' boxes with L1 +
 generalised IoU, as DETR-style detection heads are.
+
+Voxels and slices a decoder did not decode (their logit is ``NO_OBJECT_LOGIT``: its prompt
+ruled the object out there) stay out of the BCE, focal and object-score terms: they carry no
+gradient, and a present object there would add a constant of about 1024 per voxel or slice to
+the logged loss. Dice keeps them, as missed voxels.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medvlsam2.core.decoder import DecoderOutput, mask_boxes
+from medvlsam2.core.decoder import NO_OBJECT_LOGIT, DecoderOutput, mask_boxes
 from medvlsam2.core.errors import ConfigError, InputError
 
 
@@ -45,8 +50,15 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
     return (1 - (2 * inter + eps) / (prob.sum(-1) + tgt.sum(-1) + eps)).mean()
 
 
+def _decoded_mean(values: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """The mean of ``values`` where ``logits`` were decoded (not ``NO_OBJECT_LOGIT``)."""
+    decoded = logits > NO_OBJECT_LOGIT
+    return values[decoded].mean() if bool(decoded.any()) else values.sum() * 0
+
+
 def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+    """Per-voxel BCE, averaged over the decoded voxels."""
+    return _decoded_mean(F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none"), logits)
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
@@ -58,7 +70,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, 
     loss = ce * (1 - p_t) ** gamma
     if alpha >= 0:
         loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
-    return loss.mean()
+    return _decoded_mean(loss, logits)
 
 
 def slice_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -87,8 +99,9 @@ def box_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def object_score_loss(object_score: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """BCE of the object-score logit against object presence per slice."""
-    return F.binary_cross_entropy_with_logits(object_score.float(), present.float())
+    """BCE of the object-score logit against object presence, averaged over the decoded slices."""
+    score = object_score.float()
+    return _decoded_mean(F.binary_cross_entropy_with_logits(score, present.float(), reduction="none"), score)
 
 
 class SegmentationLoss(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from medvlsam2.core.decoder import DecoderOutput
+from medvlsam2.core.decoder import NO_OBJECT_LOGIT, DecoderOutput
 from medvlsam2.core.errors import ConfigError, InputError
 from medvlsam2.core.losses import (
     SegLossConfig,
@@ -58,6 +58,19 @@ def test_object_score_loss_follows_presence():
     present = torch.tensor([[[True, False]]])
     assert object_score_loss(torch.tensor([[[10.0, -10.0]]]), present) < 1e-4
     assert object_score_loss(torch.tensor([[[-10.0, 10.0]]]), present) > 5
+
+
+def test_slices_the_decoder_did_not_decode_add_nothing_but_missed_voxels_to_dice():
+    # object 0 is present on slice 1, which its prompt ruled out (a box over slices 0 and 2 only)
+    t = target()
+    logits = (t * 2 - 1) * 20
+    score = torch.where(t.flatten(3).amax(-1) > 0, 20.0, -20.0)
+    logits[0, 0, 1], score[0, 0, 1] = NO_OBJECT_LOGIT, NO_OBJECT_LOGIT
+    terms = SegmentationLoss(SegLossConfig(focal_weight=1.0))(DecoderOutput(masks=logits, object_score=score), t)
+    assert terms["bce"] < 1e-6 and terms["focal"] < 1e-6 and terms["object_score"] < 1e-6
+    assert terms["dice"] > 0.4  # object 0 is missed entirely: half of the two objects' Dice
+    nothing = torch.full_like(t, NO_OBJECT_LOGIT)
+    assert bce_loss(nothing, t) == 0 and object_score_loss(nothing[..., 0, 0], t[..., 0, 0] > 0) == 0
 
 
 def test_segmentation_loss_weights_terms_and_reaches_every_head():

@@ -32,12 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medvlsam2.core.decoder import DecoderOutput, MaskDecoder, Prompts, normalise_intensity
+from medvlsam2.core.decoder import NO_OBJECT_LOGIT, DecoderOutput, MaskDecoder, Prompts, normalise_intensity
 from medvlsam2.core.encoder import EncoderOutput, LoadReport
 from medvlsam2.core.errors import ConfigError
 
 #: Mask and object-score logit for slices where an object is known to be absent (SAM2's value).
-NO_OBJ_SCORE = -1024.0
+NO_OBJ_SCORE = NO_OBJECT_LOGIT
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _PARTS = ("image_encoder", "prompt_encoder", "mask_decoder", "memory", "text_proj", "box_head")
