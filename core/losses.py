@@ -8,7 +8,7 @@ its objects (``DecoderOutput.boxes``) has them regressed onto the target masks' 
 generalised IoU, as DETR-style detection heads are.
 
 Voxels and slices a decoder did not decode (their logit is ``NO_OBJECT_LOGIT``: its prompt
-ruled the object out there) stay out of the BCE, focal and object-score terms: they carry no
+ruled the object out there) count 0 in the BCE, focal and object-score terms: they carry no
 gradient, and a present object there would add a constant of about 1024 per voxel or slice to
 the logged loss. Dice keeps them, as missed voxels.
 """
@@ -51,13 +51,14 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
 
 
 def _decoded_mean(values: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
-    """The mean of ``values`` where ``logits`` were decoded (not ``NO_OBJECT_LOGIT``)."""
-    decoded = logits > NO_OBJECT_LOGIT
-    return values[decoded].mean() if bool(decoded.any()) else values.sum() * 0
+    """The mean of ``values`` with those where ``logits`` were not decoded (``NO_OBJECT_LOGIT``)
+    counted as 0: the gradient is the plain mean's (those carry none), the value drops their
+    constant."""
+    return torch.where(logits > NO_OBJECT_LOGIT, values, torch.zeros_like(values)).mean()
 
 
 def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Per-voxel BCE, averaged over the decoded voxels."""
+    """Per-voxel BCE, averaged; undecoded voxels count 0."""
     return _decoded_mean(F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none"), logits)
 
 
@@ -99,7 +100,7 @@ def box_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def object_score_loss(object_score: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
-    """BCE of the object-score logit against object presence, averaged over the decoded slices."""
+    """BCE of the object-score logit against object presence per slice; undecoded slices count 0."""
     score = object_score.float()
     return _decoded_mean(F.binary_cross_entropy_with_logits(score, present.float(), reduction="none"), score)
 

@@ -71,6 +71,11 @@ def test_slices_the_decoder_did_not_decode_add_nothing_but_missed_voxels_to_dice
     assert terms["dice"] > 0.4  # object 0 is missed entirely: half of the two objects' Dice
     nothing = torch.full_like(t, NO_OBJECT_LOGIT)
     assert bce_loss(nothing, t) == 0 and object_score_loss(nothing[..., 0, 0], t[..., 0, 0] > 0) == 0
+    # only the value changes: the decoded voxels get the gradient of the plain mean
+    ours, plain = logits.clone().requires_grad_(), logits.clone().requires_grad_()
+    bce_loss(ours, t).backward()
+    torch.nn.functional.binary_cross_entropy_with_logits(plain, t).backward()
+    assert torch.allclose(ours.grad, plain.grad)
 
 
 def test_segmentation_loss_weights_terms_and_reaches_every_head():
