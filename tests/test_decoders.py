@@ -478,6 +478,32 @@ def test_frozen_image_features_are_cached_across_calls_per_volume():
     assert not off._feature_cache  # off: nothing kept between calls
 
 
+def test_decoders_with_the_same_frozen_encoder_share_cached_features_and_new_weights_encode_afresh():
+    # a run builds one decoder per stage, with the weights of the stage before
+    torch.manual_seed(0)
+    first = hiera(image_size=64, feature_cache_slices=64).eval()
+    second = hiera(image_size=64, feature_cache_slices=64).eval()
+    second.load_state_dict(first.state_dict())
+    calls = []
+    for decoder in (first, second):
+        decoder.sam.image_encoder.register_forward_hook(lambda *_: calls.append(1))
+    volume, mask = ellipsoid((6, 32, 32), (3, 16, 16), (2, 8, 8), seed=3)
+    prompts = Prompts(boxes=box_of(mask))
+    with torch.no_grad():
+        out = first(volume, prompts).masks
+        encoded = len(calls)
+        assert encoded > 0 and torch.equal(second(volume, prompts).masks, out) and len(calls) == encoded
+        with torch.no_grad():  # other encoder weights (loaded in place) must not read those features
+            next(second.sam.image_encoder.parameters()).add_(0.5)
+        second(volume, prompts)
+        assert len(calls) == 2 * encoded
+        first(volume, prompts)
+        assert len(calls) == 2 * encoded  # the first encoder's features are still there
+    with torch.inference_mode():  # as Lightning evaluates
+        first(volume, prompts)
+    assert len(calls) == 2 * encoded
+
+
 def test_text_box_head_learns_where_each_text_prompt_points_and_prompts_sam_with_it():
     """Two text prompts, two blobs: the box head is trained by the loss's box term alone, then
     its boxes land on the blobs, bound the decoded slices, and a user's box still wins."""

@@ -53,6 +53,12 @@ _MEMORY_MODULES = (
     "no_obj_embed_spatial",
     "mask_downsample",
 )
+#: Frozen slice features kept across calls (``feature_cache_slices``), shared by every decoder
+#: in the process whose image encoder holds the same weights: a run of several stages builds
+#: one decoder per stage, and each would otherwise encode every slice again. Encoder
+#: fingerprint -> (volume content key, slice) -> features; the two latest encoders are kept.
+_SHARED_FEATURES: OrderedDict[str, OrderedDict] = OrderedDict()
+_SHARED_ENCODERS = 2
 
 
 @dataclass
@@ -165,7 +171,10 @@ class SAM2VolumeDecoder(MaskDecoder):
         if cfg.checkpoint:
             self.load_report = self.load_checkpoint(cfg.checkpoint)
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        #: features of the current call only (``feature_cache_slices`` 0)
         self._feature_cache: OrderedDict[tuple[str, int], tuple[list[torch.Tensor], torch.Tensor | None]] = OrderedDict()
+        self._store = self._feature_cache  # where this call reads and writes features
+        self._fingerprint: tuple[tuple | None, str] | None = None
         self._volume_keys: list[str] = []
         self._slices_in_call = 0
         #: memory runs at SAM2's stride 16; pool the decoder's embedding down to it when finer
@@ -289,9 +298,9 @@ class SAM2VolumeDecoder(MaskDecoder):
         sam = self.sam
         frozen = "image_encoder" in self.cfg.frozen
         key = (self._volume_keys[b], d) if frozen and self._volume_keys else None
-        if key is not None and key in self._feature_cache:
-            self._feature_cache.move_to_end(key)
-            fpn, pos = self._feature_cache[key]
+        if key is not None and key in self._store:
+            self._store.move_to_end(key)
+            fpn, pos = self._store[key]
             return [x.to(norm.device, torch.float32) for x in fpn], None if pos is None else pos.to(norm.device, torch.float32)
         img = self._slice_image(norm, b, d).contiguous(memory_format=torch.channels_last)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
@@ -310,13 +319,36 @@ class SAM2VolumeDecoder(MaskDecoder):
                 [x.detach().to(torch.bfloat16) for x in fpn],
                 None if top_pos is None else top_pos.detach().to(torch.bfloat16),
             )
-            self._feature_cache[key] = cached
-            while len(self._feature_cache) > self._cache_limit:
-                self._feature_cache.popitem(last=False)
+            self._store[key] = cached
+            while len(self._store) > self._cache_limit:
+                self._store.popitem(last=False)
             # The first pass uses what later passes will read, so one slice always gives one mask.
             fpn = [x.to(norm.device, torch.float32) for x in cached[0]]
             top_pos = None if cached[1] is None else cached[1].to(norm.device, torch.float32)
         return fpn, top_pos
+
+    def _encoder_fingerprint(self) -> str:
+        """A digest of the image encoder's weights, recomputed only after they change in place."""
+        # the weights and persistent buffers (what a state dict loads); inference tensors (made
+        # under inference_mode) keep no version counter, so with one the digest is recomputed
+        tensors = list(self.sam.image_encoder.state_dict(keep_vars=True).values())
+        tracked = all(not t.is_inference() for t in tensors)
+        versions = tuple((id(t), t._version) for t in tensors) if tracked else None
+        if self._fingerprint is None or versions is None or self._fingerprint[0] != versions:
+            digest = hashlib.blake2b(f"{self.cfg.image_encoder}:{self.sam.image_size}:{self.cfg.embedding_pool}".encode(), digest_size=16)
+            for t in tensors:
+                digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+            self._fingerprint = (versions, digest.hexdigest())
+        return self._fingerprint[1]
+
+    def _shared_store(self) -> OrderedDict:
+        key = self._encoder_fingerprint()
+        if key not in _SHARED_FEATURES:
+            _SHARED_FEATURES[key] = OrderedDict()
+            while len(_SHARED_FEATURES) > _SHARED_ENCODERS:
+                _SHARED_FEATURES.popitem(last=False)
+        _SHARED_FEATURES.move_to_end(key)
+        return _SHARED_FEATURES[key]
 
     @property
     def _cache_limit(self) -> int:
@@ -635,7 +667,9 @@ class SAM2VolumeDecoder(MaskDecoder):
             boxes = self.predict_boxes(prompts.text_embeds)
             prompts = self._with_text_boxes(prompts, boxes, (depth, h, w))
         norm = normalise_intensity(volume[:, :1], self.cfg.intensity_percentiles)
-        self._volume_keys = [_content_key(norm[b]) for b in range(bsz)] if "image_encoder" in self.cfg.frozen else []
+        frozen = "image_encoder" in self.cfg.frozen
+        self._volume_keys = [_content_key(norm[b]) for b in range(bsz)] if frozen else []
+        self._store = self._shared_store() if frozen and self.cfg.feature_cache_slices else self._feature_cache
         self._slices_in_call = bsz * depth
         masks = volume.new_empty(bsz, k_obj, depth, h, w, dtype=torch.float32)
         ious = volume.new_zeros(bsz, k_obj, depth, dtype=torch.float32)
