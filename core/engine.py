@@ -100,6 +100,13 @@ class MedVLModule(L.LightningModule):
         self.log("train/loss", losses["loss"].detach(), batch_size=size, prog_bar=True)
         return losses["loss"]
 
+    def on_train_start(self) -> None:
+        # Lightning keeps the mode a module is in when fit starts, and a freshly built module has
+        # every submodule in training mode, frozen pretrained parts included. Plugins keep those
+        # in eval mode through their own train() (BatchNorm statistics stay pretrained), so
+        # training calls it.
+        self.train()
+
     def on_train_epoch_start(self) -> None:
         # Random state depends only on (seed, epoch): a run resumed at an epoch boundary
         # continues exactly as an uninterrupted one.

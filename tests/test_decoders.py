@@ -478,6 +478,17 @@ def test_frozen_image_features_are_cached_across_calls_per_volume():
     assert not off._feature_cache  # off: nothing kept between calls
 
 
+def test_a_frozen_image_encoder_stays_in_eval_mode_and_keeps_its_batchnorm_statistics():
+    decoder = SAM2VolumeDecoder(SAM2VolumeConfig(image_encoder="tinyvit", pretrained=False, prompt_dim=32, embedding_pool=2))
+    assert decoder.training and not decoder.sam.image_encoder.training  # as built, before any train()
+    stats = {k: v.clone() for k, v in decoder.sam.image_encoder.state_dict().items() if "running" in k}
+    assert stats
+    volume, mask = ellipsoid((3, 32, 32), (1, 16, 16), (1, 8, 8))
+    decoder.train()(volume, Prompts(boxes=box_of(mask))).masks.sum().backward()
+    assert not decoder.sam.image_encoder.training
+    assert all(torch.equal(v, decoder.sam.image_encoder.state_dict()[k]) for k, v in stats.items())
+
+
 def test_decoders_with_the_same_frozen_encoder_share_cached_features_and_new_weights_encode_afresh():
     # a run builds one decoder per stage, with the weights of the stage before
     torch.manual_seed(0)

@@ -61,6 +61,23 @@ def test_fit_writes_the_run_folder_and_test_scores(tmp_path):
     assert json.loads((folder / "metrics.json").read_text()) == metrics
 
 
+def test_training_runs_in_train_mode_even_when_fit_starts_in_eval_mode(tmp_path):
+    # plugins keep frozen pretrained parts in eval mode through train(), so training calls it
+    import lightning as L
+
+    modes = []
+
+    class Watch(L.Callback):
+        def on_fit_start(self, trainer, module):
+            module.eval()  # as after an evaluation in the same process
+
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):
+            modes.append(module.training and module.model.encoder.training)
+
+    fit(load_config([write_config(tmp_path, epochs=1)]), callbacks=[Watch()])
+    assert modes and all(modes)
+
+
 def test_stages_freeze_by_component_and_chain_weights(tmp_path):
     stages = """
 stages:

@@ -186,6 +186,7 @@ class SAM2VolumeDecoder(MaskDecoder):
         # (0.73 -> 0.39 s per 256 px slice measured here), with the same weights and outputs;
         # Hiera, mostly attention, runs at the same speed either way
         self.sam.image_encoder.to(memory_format=torch.channels_last)
+        self.train()  # a frozen image encoder starts in eval mode too
 
     # -- building ---------------------------------------------------------------------------
     @staticmethod
