@@ -22,7 +22,7 @@ trainer: {precision: 32-true}
 def test_demo_writes_results_samples_pictures_and_a_model(tmp_path):
     override = tmp_path / "tiny_models.yaml"
     override.write_text(TINY_MODELS)
-    results = run_demo(tmp_path / "demo", quick=True, configs=[override], overrides=["stages.3.max_steps=3"])
+    results = run_demo(tmp_path / "demo", quick=True, configs=[override], overrides=["stages.4.max_steps=3"])
     out = results.parent
     data = json.loads((out / "results.json").read_text())
     assert [t["metric"] for t in data["targets"]] == [key for _, key, _ in QUALITY_TARGETS]
@@ -38,7 +38,7 @@ def test_demo_writes_results_samples_pictures_and_a_model(tmp_path):
     assert "## Quality targets" in text and "| semantic_seg | dice/brain_stem |" in text
     # where the time went, and how fast the machine was while it went (shared cores vary)
     stages = data["stage_seconds"]
-    assert list(stages) == ["data and setup", "align", "text", "ground", "joint", "test", "export and pictures"]
+    assert list(stages) == ["data and setup", "align", "text", "ground", "decoder", "joint", "test", "export and pictures"]
     assert all(v >= 0 for v in stages.values()) and sum(stages.values()) <= data["wall_seconds"] + 1
     assert all(data["matmul_gflops"][when][dt] > 0 for when in ("before", "after") for dt in ("fp32", "bf16"))
     assert "Minutes by stage: data and setup " in text and "Machine speed (1024² matmul" in text
