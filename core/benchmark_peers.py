@@ -37,6 +37,7 @@ from medvlsam2.core.benchmark_worker import (
     sync,
     throughput,
 )
+from medvlsam2.core.decoder import NO_OBJECT_LOGIT
 from medvlsam2.core.errors import ConfigError
 
 SUPPORTED = {
@@ -363,12 +364,12 @@ class SAM2VideoPeer(Peer):
                     labels=np.asarray(entry["labels"], dtype=np.int32) if entry.get("labels") else None,
                     box=entry.get("box"),
                 )
-            out = torch.full((depth, h, w), -1024.0)
+            out = torch.full((depth, h, w), NO_OBJECT_LOGIT)
             for reverse in (False, True):
                 for d, _, logits in self.net.propagate_in_video(state, reverse=reverse):
                     out[d] = logits[0, 0].float().cpu()
-            out[:lo] = -1024.0
-            out[hi + 1 :] = -1024.0
+            out[:lo] = NO_OBJECT_LOGIT
+            out[hi + 1 :] = NO_OBJECT_LOGIT
             return out.sigmoid().clone()
 
 

@@ -19,7 +19,7 @@ from medvlsam2.core.errors import InputError
 PROMPT_KINDS = ("text", "points", "boxes")
 #: The mask and object-score logit a decoder gives where its prompts rule an object out without
 #: decoding it (slices outside a box's depth, padding slots). It is a constant, so it carries no
-#: gradient; the segmentation loss leaves it out of its per-voxel and per-slice terms, where it
+#: gradient; the segmentation loss counts it 0 in its BCE, focal and object-score means, where it
 #: would only add a constant (Dice still counts the object's voxels there as missed).
 NO_OBJECT_LOGIT = -1024.0
 

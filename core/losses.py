@@ -50,7 +50,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
     return (1 - (2 * inter + eps) / (prob.sum(-1) + tgt.sum(-1) + eps)).mean()
 
 
-def _decoded_mean(values: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+def _mean_undecoded_as_zero(values: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """The mean of ``values`` with those where ``logits`` were not decoded (``NO_OBJECT_LOGIT``)
     counted as 0: the gradient is the plain mean's (those carry none), the value drops their
     constant."""
@@ -59,7 +59,7 @@ def _decoded_mean(values: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
 
 def bce_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-voxel BCE, averaged; undecoded voxels count 0."""
-    return _decoded_mean(F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none"), logits)
+    return _mean_undecoded_as_zero(F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none"), logits)
 
 
 def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, gamma: float = 2.0) -> torch.Tensor:
@@ -71,7 +71,7 @@ def focal_loss(logits: torch.Tensor, target: torch.Tensor, alpha: float = 0.25, 
     loss = ce * (1 - p_t) ** gamma
     if alpha >= 0:
         loss = (alpha * target + (1 - alpha) * (1 - target)) * loss
-    return _decoded_mean(loss, logits)
+    return _mean_undecoded_as_zero(loss, logits)
 
 
 def slice_iou(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -102,7 +102,7 @@ def box_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def object_score_loss(object_score: torch.Tensor, present: torch.Tensor) -> torch.Tensor:
     """BCE of the object-score logit against object presence per slice; undecoded slices count 0."""
     score = object_score.float()
-    return _decoded_mean(F.binary_cross_entropy_with_logits(score, present.float(), reduction="none"), score)
+    return _mean_undecoded_as_zero(F.binary_cross_entropy_with_logits(score, present.float(), reduction="none"), score)
 
 
 class SegmentationLoss(nn.Module):

@@ -10,11 +10,11 @@ import textwrap
 import pytest
 import torch
 
-from medvlsam2.core.decoder import DecoderOutput, Prompts, mask_boxes
+from medvlsam2.core.decoder import NO_OBJECT_LOGIT, DecoderOutput, Prompts, mask_boxes
 from medvlsam2.core.errors import ConfigError, InputError
 from medvlsam2.core.losses import SegLossConfig, SegmentationLoss
 from medvlsam2.plugins.decoders.prompt_unet import PromptUNetConfig, PromptUNetDecoder
-from medvlsam2.plugins.decoders.sam2_volume import NO_OBJ_SCORE, SAM2VolumeConfig, SAM2VolumeDecoder
+from medvlsam2.plugins.decoders.sam2_volume import SAM2VolumeConfig, SAM2VolumeDecoder
 
 
 def ellipsoid(shape, centre, radii, noise=0.2, seed=0):
@@ -124,7 +124,7 @@ def test_litemedsam_untrained_box_segments_a_bright_ellipsoid():
     assert out.masks.shape == (1, 1, 16, 64, 64)
     assert dice(out.masks, mask) > 0.9
     # slices outside the 3D box are known to be empty
-    assert (out.masks[0, 0, 0] == NO_OBJ_SCORE).all() and (out.masks[0, 0, 15] == NO_OBJ_SCORE).all()
+    assert (out.masks[0, 0, 0] == NO_OBJECT_LOGIT).all() and (out.masks[0, 0, 15] == NO_OBJECT_LOGIT).all()
 
 
 def test_pooled_tinyvit_embedding_runs_the_heads_on_a_coarser_grid_and_still_segments():
@@ -194,14 +194,14 @@ def test_training_scores_the_mask_heads_own_logits_when_the_object_score_says_ab
     volume, mask = ellipsoid((4, 32, 32), (1.5, 15.5, 15.5), (1.5, 8.0, 8.0))
     text = torch.randn(1, 1, 32, requires_grad=True)
     out = decoder.train()(volume, Prompts(text_embeds=text))
-    assert (out.masks > NO_OBJ_SCORE).all() and (out.object_score < 0).all()
+    assert (out.masks > NO_OBJECT_LOGIT).all() and (out.object_score < 0).all()
     SegmentationLoss()(out, mask[:, :1].expand_as(out.masks))["loss"].backward()
     assert decoder.sam.sam_mask_decoder.output_upscaling[0].weight.grad.abs().sum() > 0
     with torch.no_grad():
         ungated = decoder.eval()(volume, Prompts(text_embeds=text.detach()))  # the default
         decoder.cfg.gate_masks_by_object_score = True  # SAM2's video predictor
         gated = decoder(volume, Prompts(text_embeds=text.detach()))
-    assert (ungated.masks > NO_OBJ_SCORE).all() and (gated.masks == NO_OBJ_SCORE).all()
+    assert (ungated.masks > NO_OBJECT_LOGIT).all() and (gated.masks == NO_OBJECT_LOGIT).all()
 
 
 def test_memory_dropout_reaches_every_memory_attention_layer():
@@ -232,7 +232,7 @@ def test_each_prompt_type_gives_masks_of_the_right_shape(hiera_decoder, kind):
     assert out.iou_pred.shape == out.object_score.shape == (1, 2, 6)
     assert torch.isfinite(out.masks).all()
     if "box" in kind:  # the second box spans slices 0..2 only
-        assert (out.masks[0, 1, 3:] == NO_OBJ_SCORE).all() and (out.masks[0, 1, :3] != NO_OBJ_SCORE).any()
+        assert (out.masks[0, 1, 3:] == NO_OBJECT_LOGIT).all() and (out.masks[0, 1, :3] != NO_OBJECT_LOGIT).any()
 
 
 def test_box_prompted_slices_decode_as_one_batch_with_the_masks_of_one_slice_at_a_time(hiera_decoder, monkeypatch):
@@ -276,7 +276,7 @@ def test_box_prompted_slices_decode_as_one_batch_with_the_masks_of_one_slice_at_
         click = Prompts(boxes=torch.tensor([[[3.0, 10, 10, 5, 30, 30]]]), points=torch.tensor([[[[0.0, 20, 20]]]]),
                         point_labels=torch.ones(1, 1, 1, dtype=torch.long))
         out = hiera_decoder(volume, click)
-        assert calls and (out.masks[0, 0, 1:3] != NO_OBJ_SCORE).any()
+        assert calls and (out.masks[0, 0, 1:3] != NO_OBJECT_LOGIT).any()
 
 
 def test_padding_object_slots_are_not_decoded(hiera_decoder, monkeypatch):
@@ -291,7 +291,7 @@ def test_padding_object_slots_are_not_decoded(hiera_decoder, monkeypatch):
         decoded = len(steps)
         padded = hiera_decoder(volume, Prompts(text_embeds=text, boxes=box, valid=torch.tensor([[True, False]])))
     assert len(steps) - decoded < decoded  # the text-only slot propagated over 6 slices before
-    assert (padded.masks[0, 1] == NO_OBJ_SCORE).all()
+    assert (padded.masks[0, 1] == NO_OBJECT_LOGIT).all()
     torch.testing.assert_close(padded.masks[0, 0], full.masks[0, 0])
     with pytest.raises(InputError, match=r"valid must be a bool tensor of shape \(1, 2\)"):
         hiera_decoder(volume, Prompts(text_embeds=text, valid=torch.ones(1, 3, dtype=torch.bool)))
@@ -504,8 +504,8 @@ def test_decoders_with_the_same_frozen_encoder_share_cached_features_and_new_wei
         out = first(volume, prompts).masks
         encoded = len(calls)
         assert encoded > 0 and torch.equal(second(volume, prompts).masks, out) and len(calls) == encoded
-        with torch.no_grad():  # other encoder weights (loaded in place) must not read those features
-            next(second.sam.image_encoder.parameters()).add_(0.5)
+        # other encoder weights (loaded in place) must not read those features
+        next(second.sam.image_encoder.parameters()).add_(0.5)
         second(volume, prompts)
         assert len(calls) == 2 * encoded
         first(volume, prompts)
@@ -543,7 +543,7 @@ def test_text_box_head_learns_where_each_text_prompt_points_and_prompts_sam_with
         assert (out.boxes - want).abs().max() < 0.1
         # slices outside a predicted box's depth range are decoded as absent
         lo, hi = (out.boxes[0, 0, [0, 3]] * 8).floor().long().tolist()
-        assert (out.masks[0, 0, hi + 1 :] == NO_OBJ_SCORE).all() and (out.masks[0, 0, lo:hi] > NO_OBJ_SCORE).all()
+        assert (out.masks[0, 0, hi + 1 :] == NO_OBJECT_LOGIT).all() and (out.masks[0, 0, lo:hi] > NO_OBJECT_LOGIT).all()
         # an object with its own box keeps it; the other still gets the predicted one
         user = torch.tensor([[[4.0, 30, 30, 7, 40, 40], [-1.0] * 6]])
         mixed = decoder._with_text_boxes(Prompts(text_embeds=text, boxes=user), out.boxes, (8, 48, 48))

@@ -36,8 +36,6 @@ from medvlsam2.core.decoder import NO_OBJECT_LOGIT, DecoderOutput, MaskDecoder, 
 from medvlsam2.core.encoder import EncoderOutput, LoadReport
 from medvlsam2.core.errors import ConfigError
 
-#: Mask and object-score logit for slices where an object is known to be absent (SAM2's value).
-NO_OBJ_SCORE = NO_OBJECT_LOGIT
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
 _PARTS = ("image_encoder", "prompt_encoder", "mask_decoder", "memory", "text_proj", "box_head")
@@ -582,7 +580,7 @@ class SAM2VolumeDecoder(MaskDecoder):
             raw = raw[torch.arange(rows, device=raw.device), ious.argmax(dim=1)][:, None]
         masks = F.interpolate(raw.float(), size=hw, mode="bilinear", align_corners=False)[:, 0]
         if self.cfg.gate_masks_by_object_score and not (self.training and torch.is_grad_enabled()):
-            masks = torch.where(obj_score[:, :1, None] > 0, masks, torch.full_like(masks, NO_OBJ_SCORE))
+            masks = torch.where(obj_score[:, :1, None] > 0, masks, torch.full_like(masks, NO_OBJECT_LOGIT))
         iou = ious.max(dim=1).values if ious.shape[1] > 1 else ious[:, 0]
         return memory, masks, iou, obj_score[:, 0]
 
@@ -646,8 +644,8 @@ class SAM2VolumeDecoder(MaskDecoder):
                     recent[d], masks[d], ious[d], scores[d] = self._step(norm, b, [d], group, state, reverse, False)
                     for old in [i for i in recent if abs(i - d) >= keep]:
                         del recent[old]
-        absent = norm.new_full((g, *hw), NO_OBJ_SCORE)
-        flat = norm.new_full((g,), NO_OBJ_SCORE)
+        absent = norm.new_full((g, *hw), NO_OBJECT_LOGIT)
+        flat = norm.new_full((g,), NO_OBJECT_LOGIT)
         masks_t = torch.stack([m if m is not None else absent for m in masks], dim=1)
         ious_t = torch.stack([i if i is not None else flat.new_zeros(g) for i in ious], dim=1)
         scores_t = torch.stack([s if s is not None else flat for s in scores], dim=1)
