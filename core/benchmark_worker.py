@@ -214,7 +214,7 @@ def run_cell(spec: dict[str, Any], folder: Path) -> dict[str, Any]:
     load_weights(module, run / "checkpoints" / "last.ckpt")
     module.to(device)
     total_params = sum(p.numel() for p in module.parameters())
-    trainable = trained_names(module, cfg)
+    trainable = trained_names(module)
     trainable_params = sum(p.numel() for n, p in module.named_parameters() if n in trainable)
 
     # FLOPs first: evaluation runs under inference_mode, and tensors some modules cache there

@@ -11,6 +11,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from medvlsam2.core.checkpoint import FROZEN_CHECKSUMS, check_saved_state, parameter_digests
 from medvlsam2.core.config import StageConfig, task_keys
 from medvlsam2.core.errors import ConfigError, did_you_mean
 from medvlsam2.core.model import COMPONENTS, MedVLModel
@@ -44,6 +45,10 @@ class MedVLModule(L.LightningModule):
         self.last_metrics: dict[str, float] = {}
         self.last_predictions: dict[str, list[dict[str, Any]]] = {}
         self.trainable_components = self.apply_stage(stage)
+        # Checkpoints leave out what no stage trains (core/checkpoint.py); Lightning's resume
+        # then loads a partial state_dict, checked in on_load_checkpoint.
+        self.strict_loading = False
+        self._left_out_digests: dict[str, str] | None = None
 
     # -- freezing -------------------------------------------------------------------------
     def component_parameters(self) -> dict[str, list[nn.Parameter]]:
@@ -77,6 +82,27 @@ class MedVLModule(L.LightningModule):
             for param in parts[name]:
                 param.requires_grad_(True)
         return wanted
+
+    def never_trained(self) -> set[str]:
+        """Names (tied aliases included) of the parameters that no stage of the run trains."""
+        from medvlsam2.core.run import stages_of
+
+        parts = self.component_parameters()
+        trained = {id(p) for stage in stages_of(self.cfg) for c in self.stage_components(stage) for p in parts.get(c, [])}
+        return {n for n, p in self.named_parameters(remove_duplicate=False) if id(p) not in trained}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # The frozen parameters are rebuilt from the config on load; their digests stay, so a
+        # changed pretrained source is caught. They do not change during a run: hashed once.
+        if self._left_out_digests is None:
+            self._left_out_digests = parameter_digests(self, self.never_trained())
+        state = checkpoint["state_dict"]
+        for name in self._left_out_digests:
+            state.pop(name, None)
+        checkpoint[FROZEN_CHECKSUMS] = dict(self._left_out_digests)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        check_saved_state(self, checkpoint, "being resumed")
 
     def trainable_summary(self) -> dict[str, tuple[int, int]]:
         """Per component: (trainable, total) parameter counts."""

@@ -17,15 +17,13 @@ run's seed). Loading checks their checksums, so a mismatch is an error, never a 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
-import torch
 from omegaconf import DictConfig, OmegaConf
 
-from medvlsam2.core.checkpoint import atomic_write_text
+from medvlsam2.core.checkpoint import atomic_write_text, weight_digest
 from medvlsam2.core.config import load_config, to_yaml
 from medvlsam2.core.errors import InputError
 
@@ -50,25 +48,16 @@ def _build_module(cfg: DictConfig) -> Any:
     return MedVLModule(cfg)
 
 
-def trained_names(module: Any, cfg: DictConfig) -> set[str]:
-    """Every parameter that any stage of ``cfg`` trains."""
-    from medvlsam2.core.run import stages_of
-
-    names: set[str] = set()
-    for stage in stages_of(cfg):
-        module.apply_stage(stage)
-        names |= {n for n, p in module.named_parameters() if p.requires_grad}
-    return names
+def trained_names(module: Any) -> set[str]:
+    """Every parameter that some stage of the module's run config trains."""
+    frozen = module.never_trained()
+    return {n for n, _ in module.named_parameters() if n not in frozen}
 
 
 def _peft_model(module: Any) -> Any | None:
     trunk = module.model.trunk
     model = getattr(getattr(trunk, "llm", None), "model", None)
     return model if model is not None and hasattr(model, "peft_config") else None
-
-
-def _digest(tensor: torch.Tensor) -> str:
-    return hashlib.sha1(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
 
 
 def export(ckpt: str | Path, out: str | Path) -> Path:
@@ -82,18 +71,21 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     cfg = load_config([run / "config.yaml"])
     module = _build_module(cfg)
     load_weights(module, ckpt)
-    trained = trained_names(module, cfg)
+    trained = trained_names(module)
     out.mkdir(parents=True, exist_ok=True)
     peft = _peft_model(module)
     in_adapter: set[str] = set()
     if peft is not None:
-        peft.save_pretrained(str(out), safe_serialization=True)
-        # What peft saves: its LoRA matrices and the trainable rows of the new tokens.
+        # Only what training changed: the LoRA matrices and the trainable rows of the new tokens.
+        # The resized embedding and output layers they sit on are rebuilt from the config, like
+        # every frozen weight, and checked against frozen_checksums on load (peft would
+        # otherwise save both layers whole, 226 MB for SmolLM2-135M).
+        peft.save_pretrained(str(out), safe_serialization=True, save_embedding_layers=False)
         in_adapter = {n for n, _ in module.named_parameters() if n.startswith("model.trunk.llm.model.") and ("lora_" in n or "trainable_tokens" in n)}
     state = module.state_dict()
     trainables = {n: state[n].contiguous() for n in sorted(trained - in_adapter) if n in state}
     save_file(trainables, str(out / TRAINABLES))
-    frozen = {n: _digest(p) for n, p in module.named_parameters() if n not in trained and n not in in_adapter}
+    frozen = {n: weight_digest(p) for n, p in module.named_parameters() if n not in trained and n not in in_adapter}
     atomic_write_text(out / "config.yaml", to_yaml(cfg))
     metadata = _metadata(module, cfg, frozen, run)
     atomic_write_text(out / "metadata.json", json.dumps(metadata, indent=2, default=str))
@@ -211,7 +203,7 @@ def load_export_weights(module: Any, folder: Path, metadata: dict[str, Any] | No
         set_peft_model_state_dict(peft, load_file(str(adapter)))
     expected = metadata.get("frozen_checksums", {})
     params = dict(module.named_parameters())
-    differ = [n for n, digest in expected.items() if n in params and _digest(params[n]) != digest]
+    differ = [n for n, digest in expected.items() if n in params and weight_digest(params[n]) != digest]
     if differ:
         raise InputError(
             f"--model: {len(differ)} frozen weight(s) rebuilt from the config differ from the ones the model "

@@ -5,10 +5,12 @@ Run folder (``output_dir/run_name``)::
     config.yaml                 the resolved config the run used
     state.json                  finished stages (for --resume)
     checkpoints/<stage>/last.ckpt
-    checkpoints/last.ckpt       the final weights of the last finished stage
+    checkpoints/last.ckpt       the final weights of the last finished stage (a hard link)
     logs/<stage>/metrics.csv    Lightning CSV log; logs/tensorboard/ for TensorBoard
     metrics.csv                 every stage's log in one table (with a `stage` column)
     metrics.json                the latest validation/test metrics per task
+
+Checkpoints leave out the parameters no stage trains (see ``core/checkpoint.py``).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import os
 import shutil
 import signal
 import sys
@@ -27,7 +30,12 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from medvlsam2.core.checkpoint import AtomicCheckpointIO, atomic_write_text, load_checkpoint
+from medvlsam2.core.checkpoint import (
+    AtomicCheckpointIO,
+    atomic_write_text,
+    check_saved_state,
+    load_checkpoint,
+)
 from medvlsam2.core.config import StageConfig, load_config, stage_runs, task_keys, to_yaml
 from medvlsam2.core.errors import ConfigError, InputError, RunInterrupted, did_you_mean
 
@@ -186,19 +194,9 @@ def _read_state(folder: Path) -> dict[str, Any]:
 
 
 def load_weights(module: Any, ckpt: Path) -> None:
-    """Copy the weights of a ``.ckpt`` (read safely) into ``module``; shapes must agree."""
-    saved = load_checkpoint(ckpt)
-    state = saved.get("state_dict") if isinstance(saved, dict) else None
-    if not isinstance(state, dict):
-        raise InputError(f"checkpoint {ckpt} holds no 'state_dict' (not a medvlsam2 / Lightning checkpoint)")
-    own = module.state_dict()
-    different = [f"{k} {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in state.items() if k in own and own[k].shape != v.shape]
-    # Parameters only one side has mean another architecture too (e.g. a different depth).
-    different += [f"{k} only in the checkpoint" for k in state if k not in own]
-    different += [f"{k} missing from the checkpoint" for k in own if k not in state]
-    if different:
-        more = f" and {len(different) - 3} more" if len(different) > 3 else ""
-        raise InputError(f"checkpoint {ckpt} comes from a different model config: {', '.join(different[:3])}{more}")
+    """Copy the weights of a ``.ckpt`` (read safely) into ``module``; shapes must agree, and the
+    frozen weights the checkpoint left out must be the ones ``module`` was rebuilt with."""
+    state = check_saved_state(module, load_checkpoint(ckpt), ckpt)
     module.load_state_dict(state, strict=False)
 
 
@@ -301,8 +299,13 @@ def fit(
             if keep is not None:
                 keep["predictions"] = predictions
     if previous is not None and previous.is_file():
-        shutil.copyfile(previous, folder / "checkpoints" / ".last.ckpt.tmp")
-        (folder / "checkpoints" / ".last.ckpt.tmp").replace(folder / "checkpoints" / "last.ckpt")
+        tmp = folder / "checkpoints" / ".last.ckpt.tmp"
+        tmp.unlink(missing_ok=True)
+        try:  # a hard link: checkpoints are replaced by rename, never written in place
+            os.link(previous, tmp)
+        except OSError:  # a file system without hard links
+            shutil.copyfile(previous, tmp)
+        tmp.replace(folder / "checkpoints" / "last.ckpt")
     return folder
 
 

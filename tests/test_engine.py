@@ -97,6 +97,47 @@ stages:
     assert torch.equal(weights(folder / "checkpoints" / "last.ckpt")[enc_key], tune[enc_key])
 
 
+def test_checkpoints_leave_out_what_no_stage_trains_and_load_it_back_checked(tmp_path):
+    from medvlsam2.core.checkpoint import FROZEN_CHECKSUMS
+    from medvlsam2.core.errors import InputError
+    from medvlsam2.core.export import _build_module
+    from medvlsam2.core.run import load_weights
+
+    stages = """
+stages:
+  - {name: probe, tasks: [volume_classification], trainable: [heads], max_epochs: 1, lr: 0.01}
+  - {name: probe2, tasks: [volume_classification], trainable: [heads], max_epochs: 2}
+"""
+    cfg = load_config([write_config(tmp_path, stages)])
+    keep: dict = {}
+    folder = fit(cfg, keep=keep)
+    trained = keep["module"]
+    encoder = {n for n, _ in trained.named_parameters() if n.startswith("model._encoder.")}
+    assert encoder
+    for stage in ("probe", "probe2"):
+        saved = load_checkpoint(folder / "checkpoints" / stage / "last.ckpt")
+        assert not encoder & saved["state_dict"].keys()
+        assert set(saved[FROZEN_CHECKSUMS]) == encoder
+        assert any(k.startswith("tasks.") for k in saved["state_dict"])
+    # a module rebuilt from the config and given the checkpoint is the trained one, exactly
+    rebuilt = _build_module(cfg)
+    load_weights(rebuilt, folder / "checkpoints" / "last.ckpt")
+    expected = trained.state_dict()
+    assert rebuilt.state_dict().keys() == expected.keys()
+    for key, value in rebuilt.state_dict().items():
+        assert torch.equal(value, expected[key]), key
+    # Lightning's resume of an unfinished stage reads the partial checkpoint too
+    (folder / "state.json").write_text(json.dumps({"completed": ["probe"]}))
+    resumed = fit(load_config([folder / "config.yaml"], ["stages.1.max_epochs=3"]))
+    assert load_checkpoint(resumed / "checkpoints" / "probe2" / "last.ckpt")["epoch"] == 2
+    # a frozen weight rebuilt differently (another pretrained file, seed or library) is refused
+    other = _build_module(cfg)
+    with torch.no_grad():
+        next(p for n, p in other.named_parameters() if n in encoder).add_(1.0)
+    with pytest.raises(InputError, match="frozen weight\\(s\\) rebuilt from the config differ .*model._encoder."):
+        load_weights(other, folder / "checkpoints" / "last.ckpt")
+
+
 def test_unknown_component_and_stage_are_named(tmp_path):
     from medvlsam2.core.errors import ConfigError
 

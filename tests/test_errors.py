@@ -41,6 +41,22 @@ def save_untrained(cfg, folder: Path) -> Path:
     return ckpt
 
 
+def save_without_encoder(cfg, folder: Path) -> Path:
+    """As save_untrained, for a run whose stages never train the encoder: the checkpoint leaves
+    the encoder's parameters out and keeps their digests (core/checkpoint.py)."""
+    from medvlsam2.core.checkpoint import FROZEN_CHECKSUMS, parameter_digests
+    from medvlsam2.core.export import _build_module
+
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(to_yaml(cfg))
+    module = _build_module(cfg)
+    frozen = {n for n, _ in module.named_parameters() if n.startswith("model._encoder.")}
+    state = {k: v for k, v in module.state_dict().items() if k not in frozen}
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    atomic_torch_save({"state_dict": state, FROZEN_CHECKSUMS: parameter_digests(module, frozen)}, ckpt)
+    return ckpt
+
+
 def nifti(path: Path, data: np.ndarray) -> Path:
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))
     return path
@@ -107,6 +123,7 @@ def env(tmp_path_factory):
     example.mkdir()
     example_config = write_config(example, epochs=1)
     example_ckpt = save_untrained(load_config([example_config]), example / "runs" / "run")
+    frozen_ckpt = save_without_encoder(load_config([example_config]), example / "runs" / "frozen")
     bad_volumes(root / "vol", data / "case4.nii.gz")
     typo = root / "typo.yaml"
     typo.write_text(config.read_text().replace("max_steps: 2", "max_stepz: 2"))
@@ -114,7 +131,7 @@ def env(tmp_path_factory):
     wrong_type.write_text(config.read_text().replace("batch_size: 2", "batch_size: two"))
     yield {
         "root": root, "data": data, "config": config, "ckpt": ckpt, "vol": root / "vol",
-        "example_config": example_config, "example_ckpt": example_ckpt, "typo": typo,
+        "example_config": example_config, "example_ckpt": example_ckpt, "frozen_ckpt": frozen_ckpt, "typo": typo,
         "wrong_type": wrong_type, "bad": bad_datasets(root, data),
     }
     hf_logging.set_verbosity(level)
@@ -187,6 +204,11 @@ CATALOGUE = {
     "checkpoint-other-depth": (
         lambda e: ["test", "--config", str(e["example_config"]), "model.encoder.widths=[8,16,32]", "--ckpt", str(e["example_ckpt"])],
         ["last.ckpt comes from a different model config:", "missing from the checkpoint"],
+    ),
+    "checkpoint-frozen-changed": (
+        lambda e: ["test", "--config", str(e["example_config"]), "seed=4", "--ckpt", str(e["frozen_ckpt"])],
+        ["checkpoint", "frozen/checkpoints/last.ckpt: 4 frozen weight(s) rebuilt from the config differ from the ones it "
+         "was trained with (e.g. model._encoder.", "the pretrained source, the seed or a library version changed"],
     ),
     # dataset files
     "csv-missing-column": (lambda e: evaluate_on(e, "csv_column"), ["M3D_VQA_test.csv: column 'Answer' missing"]),

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_language_tasks import run_config, task_yaml, write_cases
 
+from medvlsam2.core.checkpoint import load_checkpoint
 from medvlsam2.core.config import load_config
 from medvlsam2.core.errors import InputError
 from medvlsam2.core.export import export, load_module
@@ -39,6 +40,13 @@ def test_export_folder_contents(trained):
     assert not any("lora_" in k or k.startswith("model.trunk.encoder.") for k in trainables)
     adapter = load_file(str(out / "adapter_model.safetensors"))
     assert any("lora_A" in k for k in adapter) and any("trainable_tokens" in k for k in adapter)
+    # the resized embedding and output layers are rebuilt from the config, not saved whole
+    assert not any("base_layer" in k or "embed_tokens.weight" in k for k in adapter)
+    # and the run's checkpoint leaves the frozen LLM out the same way, with its digests
+    saved = load_checkpoint(folder / "checkpoints" / "last.ckpt")
+    frozen = saved["medvlsam2_frozen_checksums"]
+    assert any("embed_tokens" in k for k in frozen) and not frozen.keys() & saved["state_dict"].keys()
+    assert not any(k.startswith("model.trunk.llm.") and "lora_" not in k and "trainable_tokens" not in k for k in saved["state_dict"])
     card = (out / "README.md").read_text()
     assert "`vit3d`" in card and "`hf_causal`" in card and "vqa" in card
     assert json.loads((out / "metadata.json").read_text())["tasks"]["vqa"]["preprocess"]["spatial_size"] == [8, 32, 32]
