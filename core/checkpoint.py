@@ -24,6 +24,7 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from torch import nn
 
 from medvlsam2.core.errors import InputError
+from medvlsam2.core.weights import tensor_bytes
 
 
 @contextmanager
@@ -83,8 +84,8 @@ FROZEN_CHECKSUMS = "medvlsam2_frozen_checksums"
 
 
 def weight_digest(tensor: torch.Tensor) -> str:
-    """SHA-1 of a tensor's bytes (dtype and values; the same on every machine)."""
-    return hashlib.sha1(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+    """SHA-1 of a tensor's bytes."""
+    return hashlib.sha1(tensor_bytes(tensor)).hexdigest()
 
 
 def parameter_digests(module: nn.Module, names: set[str] | frozenset[str]) -> dict[str, str]:

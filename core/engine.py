@@ -102,7 +102,7 @@ class MedVLModule(L.LightningModule):
         checkpoint[FROZEN_CHECKSUMS] = dict(self._left_out_digests)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        check_saved_state(self, checkpoint, "being resumed")
+        check_saved_state(self, checkpoint, self.trainer.ckpt_path or "being resumed")
 
     def trainable_summary(self) -> dict[str, tuple[int, int]]:
         """Per component: (trainable, total) parameter counts."""

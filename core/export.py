@@ -23,7 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from medvlsam2.core.checkpoint import atomic_write_text, weight_digest
+from medvlsam2.core.checkpoint import atomic_write_text, parameter_digests
 from medvlsam2.core.config import load_config, to_yaml
 from medvlsam2.core.errors import InputError
 
@@ -85,7 +85,7 @@ def export(ckpt: str | Path, out: str | Path) -> Path:
     state = module.state_dict()
     trainables = {n: state[n].contiguous() for n in sorted(trained - in_adapter) if n in state}
     save_file(trainables, str(out / TRAINABLES))
-    frozen = {n: weight_digest(p) for n, p in module.named_parameters() if n not in trained and n not in in_adapter}
+    frozen = parameter_digests(module, {n for n, _ in module.named_parameters() if n not in trained and n not in in_adapter})
     atomic_write_text(out / "config.yaml", to_yaml(cfg))
     metadata = _metadata(module, cfg, frozen, run)
     atomic_write_text(out / "metadata.json", json.dumps(metadata, indent=2, default=str))
@@ -202,8 +202,8 @@ def load_export_weights(module: Any, folder: Path, metadata: dict[str, Any] | No
 
         set_peft_model_state_dict(peft, load_file(str(adapter)))
     expected = metadata.get("frozen_checksums", {})
-    params = dict(module.named_parameters())
-    differ = [n for n, digest in expected.items() if n in params and weight_digest(params[n]) != digest]
+    rebuilt = parameter_digests(module, set(expected))
+    differ = [n for n, digest in expected.items() if n in rebuilt and rebuilt[n] != digest]
     if differ:
         raise InputError(
             f"--model: {len(differ)} frozen weight(s) rebuilt from the config differ from the ones the model "

@@ -56,3 +56,9 @@ def load_state_dict_into(
         missing=list(result.missing_keys),
         unexpected=list(result.unexpected_keys),
     )
+
+
+def tensor_bytes(tensor: torch.Tensor) -> bytes:
+    """A tensor's values as raw bytes in its own dtype (the same on every machine): what weight
+    digests and fingerprints hash."""
+    return tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()

@@ -35,6 +35,7 @@ from torch import nn
 from medvlsam2.core.decoder import NO_OBJECT_LOGIT, DecoderOutput, MaskDecoder, Prompts, normalise_intensity
 from medvlsam2.core.encoder import EncoderOutput, LoadReport
 from medvlsam2.core.errors import ConfigError
+from medvlsam2.core.weights import tensor_bytes
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -336,7 +337,7 @@ class SAM2VolumeDecoder(MaskDecoder):
         if self._fingerprint is None or versions is None or self._fingerprint[0] != versions:
             digest = hashlib.blake2b(f"{self.cfg.image_encoder}:{self.sam.image_size}:{self.cfg.embedding_pool}".encode(), digest_size=16)
             for t in tensors:
-                digest.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+                digest.update(tensor_bytes(t))
             self._fingerprint = (versions, digest.hexdigest())
         return self._fingerprint[1]
 
