@@ -125,6 +125,7 @@ def check_saved_state(module: nn.Module, saved: dict[str, Any], source: str | Pa
     if changed:
         raise InputError(
             f"checkpoint {source}: {len(changed)} frozen weight(s) rebuilt from the config differ from the ones "
-            f"it was trained with (e.g. {changed[0]}); the pretrained source, the seed or a library version changed"
+            f"it was trained with (e.g. {changed[0]}); the pretrained source, the seed or a library version changed "
+            "(a module built in Python needs lightning.seed_everything(cfg.seed) first, as every command does)"
         )
     return state
