@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from test_language_tasks import run_config, task_yaml, write_cases
 
-from medvlsam2.core.checkpoint import load_checkpoint
+from medvlsam2.core.checkpoint import FROZEN_CHECKSUMS, load_checkpoint
 from medvlsam2.core.config import load_config
 from medvlsam2.core.errors import InputError
 from medvlsam2.core.export import export, load_module
@@ -44,7 +44,7 @@ def test_export_folder_contents(trained):
     assert not any("base_layer" in k or "embed_tokens.weight" in k for k in adapter)
     # and the run's checkpoint leaves the frozen LLM out the same way, with its digests
     saved = load_checkpoint(folder / "checkpoints" / "last.ckpt")
-    frozen = saved["medvlsam2_frozen_checksums"]
+    frozen = saved[FROZEN_CHECKSUMS]
     assert any("embed_tokens" in k for k in frozen) and not frozen.keys() & saved["state_dict"].keys()
     assert not any(k.startswith("model.trunk.llm.") and "lora_" not in k and "trainable_tokens" not in k for k in saved["state_dict"])
     card = (out / "README.md").read_text()
