@@ -6,8 +6,11 @@ vision-language model learns, by training small MONAI U-Nets directly on the lab
 
 * ``structures``: one multi-class U-Net for the large brain structures (the semantic target's
   classes), scored by mean Dice on the validation split;
-* ``lesion``: one U-Net for the lesion label, scored by voxel Dice and by volume-level detection
-  (AUROC of each volume's highest voxel probability against "the volume holds a lesion");
+* ``lesion``: one U-Net for the lesion label, scored by voxel Dice, by volume-level detection
+  (AUROC of each volume's highest voxel probability against "the volume holds a lesion") and by
+  localisation (the cases with a lesion whose most probable voxel lies in one, on the training and
+  the validation split); ``--augment`` trains it on random flips along every axis and random
+  intensity scaling, the usual remedy for a U-Net that memorises a few training cases;
 * ``visibility``: how the lesions look on the model grid (voxels per case, contrast against the
   surrounding tissue in standard deviations, cases whose lesion vanishes from the resampled
   label).
@@ -58,9 +61,20 @@ def dice(pred: torch.Tensor, truth: torch.Tensor) -> float:
     return 2.0 * float((pred & truth).sum()) / total if total else float("nan")
 
 
+def augment(x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random flips along each spatial axis and a random intensity scale and shift, per batch."""
+    for axis in (2, 3, 4):
+        if float(torch.rand(1, generator=generator)) < 0.5:
+            x, y = x.flip(axis), y.flip(axis)
+    shape = (len(x), 1, 1, 1, 1)
+    scale = torch.empty(shape).uniform_(0.85, 1.15, generator=generator)
+    shift = torch.empty(shape).uniform_(-0.1, 0.1, generator=generator)
+    return x * scale + shift, y
+
+
 def train(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, loss_fn, lr: float, seed: int,
-          name: str) -> float:
-    """``steps`` AdamW steps on random batches of 4; seconds taken."""
+          name: str, augmented: bool = False) -> float:
+    """``steps`` AdamW steps on random batches of 4 (``augmented``: through ``augment``); seconds taken."""
     generator = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(net.parameters(), lr=lr)
     start = time.perf_counter()
@@ -69,7 +83,8 @@ def train(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lo
         if step % 250 == 0:
             print(f"  {name}: step {step}/{steps}, {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         idx = torch.randint(len(x), (4,), generator=generator)
-        loss = loss_fn(net(x[idx]), y[idx])
+        xb, yb = augment(x[idx], y[idx], generator) if augmented else (x[idx], y[idx])
+        loss = loss_fn(net(xb), yb)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -95,7 +110,15 @@ def structures(xtr, ytr, xva, yva, classes: dict[str, int], steps: int, seed: in
             "dice": per_class}
 
 
-def lesion(xtr, ytr, xva, yva, label: int, steps: int, seed: int) -> dict:
+def localised(prob: torch.Tensor, truth: torch.Tensor) -> list[int]:
+    """Of the cases with a lesion: how many have their most probable voxel in one, and how many there are."""
+    has = truth.flatten(1).any(1)
+    top = prob.flatten(1).argmax(1)
+    hit = truth.flatten(1)[torch.arange(len(top)), top]
+    return [int((hit & has).sum()), int(has.sum())]
+
+
+def lesion(xtr, ytr, xva, yva, label: int, steps: int, seed: int, augmented: bool = False) -> dict:
     from monai.losses import DiceCELoss
     from torchmetrics.functional.classification import binary_auroc
 
@@ -109,15 +132,19 @@ def lesion(xtr, ytr, xva, yva, label: int, steps: int, seed: int) -> dict:
     torch.manual_seed(seed)
     net = unet(1)
     target = (ytr == label).float()[:, None]
-    seconds = train(net, xtr, target, steps, loss, 2e-3, seed, "lesion")
+    seconds = train(net, xtr, target, steps, loss, 2e-3, seed, "lesion", augmented)
     with torch.no_grad():
         prob = torch.sigmoid(net(xva))[:, 0]
+        train_prob = torch.sigmoid(net(xtr))[:, 0]
     truth = yva == label
     has = truth.flatten(1).any(1)
     detection = (float(binary_auroc(prob.flatten(1).max(1).values, has.long()))
                  if 0 < int(has.sum()) < len(has) else float("nan"))
-    return {"steps": steps, "train_seconds": round(seconds, 1), "voxel_dice": dice(prob > 0.5, truth),
-            "presence_auroc": detection, "validation_cases_with_lesion": int(has.sum()), "validation_cases": len(has)}
+    return {"steps": steps, "augmented": augmented, "train_seconds": round(seconds, 1),
+            "voxel_dice": dice(prob > 0.5, truth), "train_voxel_dice": dice(train_prob > 0.5, ytr == label),
+            "presence_auroc": detection, "localised": localised(prob, truth),
+            "train_localised": localised(train_prob, ytr == label),
+            "validation_cases_with_lesion": int(has.sum()), "validation_cases": len(has)}
 
 
 def visibility(root: Path, task, xva, yva, label: int) -> dict:
@@ -153,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--train-cases", type=int, default=None, help="use only the first N training cases")
     parser.add_argument("--structure-steps", type=int, default=500)
     parser.add_argument("--lesion-steps", type=int, default=1500)
+    parser.add_argument("--augment", action="store_true", help="train the lesion U-Net on random flips and intensities")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -175,13 +203,16 @@ def main(argv: list[str] | None = None) -> dict:
         "data": str(data), "grid": args.size, "train_cases": len(xtr), "validation_cases": len(xva),
         "visibility": visibility(root, task, xva, yva, int(info["lesion_label"])),
         "structures": structures(xtr, ytr, xva, yva, large, args.structure_steps, args.seed),
-        "lesion": lesion(xtr, ytr, xva, yva, int(info["lesion_label"]), args.lesion_steps, args.seed),
+        "lesion": lesion(xtr, ytr, xva, yva, int(info["lesion_label"]), args.lesion_steps, args.seed, args.augment),
     }
     s, les, vis = result["structures"], result["lesion"], result["visibility"]
     print(f"grid {args.size}, {len(xtr)} training / {len(xva)} validation cases")
     print(f"large structures: validation mean Dice {s['mean_dice']:.3f} after {s['steps']} steps ({s['train_seconds']} s)")
     print(f"lesion: validation voxel Dice {les['voxel_dice']:.3f}, presence AUROC {les['presence_auroc']:.3f} "
-          f"after {les['steps']} steps ({les['train_seconds']} s)")
+          f"after {les['steps']} steps ({les['train_seconds']} s{', augmented' if les['augmented'] else ''}); "
+          f"most probable voxel in a lesion in {les['localised'][0]} of {les['localised'][1]} validation cases "
+          f"({les['train_localised'][0]} of {les['train_localised'][1]} training cases), "
+          f"training voxel Dice {les['train_voxel_dice']:.3f}")
     print(f"lesions on the grid: {vis['lesion_voxels_per_case']:.1f} voxels per case of {vis['voxels_in_volume']}, "
           f"median contrast {vis['median_contrast_sd']:.2f} SD, {vis['cases_whose_lesion_vanishes']} validation "
           "case(s) whose lesion vanishes from the resampled label")

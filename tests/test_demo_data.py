@@ -350,5 +350,47 @@ def test_demo_limits_benchmark_trains_specialists_on_train_and_scores_validation
     assert all(np.isnan(v) or 0.0 <= v <= 1.0 for v in result["structures"]["dice"].values())
     assert result["visibility"]["voxels_in_volume"] == 4 * 32 * 32
     assert 0 <= result["visibility"]["cases_whose_lesion_vanishes"] <= result["validation_cases"]
+    assert result["lesion"]["augmented"] is False
+    for key in ("localised", "train_localised"):
+        hit, cases = result["lesion"][key]
+        assert 0 <= hit <= cases
+    assert result["lesion"]["localised"][1] == result["lesion"]["validation_cases_with_lesion"]
+    augmented = script["main"](["--data", str(built), "--size", "4", "32", "32", "--structure-steps", "1",
+                                "--lesion-steps", "2", "--augment"])
+    assert augmented["lesion"]["augmented"] is True
+    assert augmented["lesion"]["train_localised"][1] == result["lesion"]["train_localised"][1]
     with pytest.raises(SystemExit, match="demo.json not found; build one with"):
         script["main"](["--data", str(tmp_path)])
+
+
+def test_demo_limits_augment_moves_image_and_label_together_and_localised_counts_hits() -> None:
+    import itertools
+    import runpy
+
+    import torch
+
+    script = runpy.run_path(str(Path(__file__).resolve().parents[1] / "benchmarks" / "demo_limits.py"))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 1, 3, 5, 6)
+    y = (x > 0.7).float()  # the label is a function of the image, so the pair must stay aligned
+    flips = set()
+    for _ in range(16):
+        xa, ya = script["augment"](x, y, generator)
+        assert xa.shape == x.shape and ya.shape == y.shape
+        # the intensity change is increasing per volume, so the label still marks each volume's brightest voxels
+        k = y.flatten(1).sum(1).long()
+        for case in range(len(x)):
+            brightest = xa[case].flatten().topk(int(k[case])).indices
+            assert set(brightest.tolist()) == set(ya[case].flatten().nonzero()[:, 0].tolist())
+        span = xa.flatten(1).amax(1) - xa.flatten(1).amin(1)
+        scale = span / (x.flatten(1).amax(1) - x.flatten(1).amin(1))
+        assert torch.all((scale > 0.849) & (scale < 1.151))
+        flips.update(axes for axes in itertools.chain.from_iterable(itertools.combinations((2, 3, 4), n) for n in range(4))
+                     if torch.equal(ya.flip(axes) if axes else ya, y))
+    assert len(flips) > 1  # the flips vary from batch to batch
+    truth = torch.zeros(3, 2, 2, 2, dtype=torch.bool)
+    truth[0, 0, 0, 0] = True  # case 0: lesion where the top voxel is
+    truth[1, 1, 1, 1] = True  # case 1: lesion elsewhere
+    prob = torch.zeros(3, 2, 2, 2)
+    prob[:, 0, 0, 0] = 0.9
+    assert script["localised"](prob, truth) == [1, 2]  # case 2 has no lesion and is not counted
