@@ -20,7 +20,7 @@ Only the train and validation splits are read. Data is the demo dataset
 
     python benchmarks/demo_limits.py --data DIR [--out limits.json]
 
-Results of runs on the project's 2-core CPU machine are in ``docs/demo_results.md``.
+Results of runs on the project's 2-core CPU machine are in ``docs/benchmarks.md``.
 """
 
 from __future__ import annotations
