@@ -258,3 +258,48 @@ class Trunk(nn.Module):
             seg_embeds = visual.new_zeros(b, 0, self.prompt_dim) if self.seg_projector is not None else None
             seg_mask = torch.zeros(b, 0, dtype=torch.bool, device=visual.device)
         return GenerationOutput(text, token_ids, seg_hidden, seg_embeds, seg_mask)
+
+    @torch.no_grad()
+    def score_answers(
+        self,
+        volume: torch.Tensor,
+        prompts: Sequence[str],
+        candidates: Sequence[Sequence[str]],
+        *,
+        add_image: bool = True,
+        rows_per_pass: int = 8,
+    ) -> list[list[float]]:
+        """Log-likelihood of each candidate answer to each prompt about its volume.
+
+        ``candidates[i]`` are the answers scored for ``prompts[i]`` and ``volume[i]``. A
+        candidate's score is the sum of the log-probabilities of its tokens and the EOS after
+        it, teacher-forced exactly as in training: the log-probability of the whole answer.
+        Picking the best-scored candidate is multiple-choice evaluation by likelihood. The
+        volume is encoded once; ``rows_per_pass`` (prompt, candidate) pairs share one LLM pass.
+        """
+        if volume.shape[0] != len(prompts) or len(candidates) != len(prompts):
+            raise InputError(
+                f"score_answers: {volume.shape[0]} volume(s), {len(prompts)} prompt(s) and "
+                f"{len(candidates)} candidate list(s) must be as many"
+            )
+        if any(len(c) == 0 for c in candidates):
+            raise InputError("score_answers: every prompt needs at least one candidate answer")
+        visual, _ = self.encode_volume(volume)
+        pairs = [(i, k) for i, cands in enumerate(candidates) for k in range(len(cands))]
+        scores: list[list[float]] = [[0.0] * len(c) for c in candidates]
+        for start in range(0, len(pairs), max(1, rows_per_pass)):
+            chunk = pairs[start : start + max(1, rows_per_pass)]
+            rows = [i for i, _ in chunk]
+            batch = self.tokenize(
+                [prompts[i] for i in rows], [candidates[i][k] for i, k in chunk], add_image=add_image
+            )
+            spliced = self._splice(visual[rows], batch.input_ids, batch.attention_mask, batch.labels, "right")
+            logits = self.llm(spliced.inputs_embeds, spliced.attention_mask).logits
+            targets = spliced.labels[:, 1:].to(logits.device)
+            keep = targets != IGNORE_INDEX
+            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+            picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+            totals = (picked * keep).sum(dim=1)
+            for (i, k), total in zip(chunk, totals.tolist()):
+                scores[i][k] = float(total)
+        return scores

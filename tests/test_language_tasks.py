@@ -200,3 +200,76 @@ def test_grounding_packs_several_structures_into_one_training_answer_and_evaluat
     assert task.collate(samples)["answers"] == single["answers"]  # evaluation: one box per prompt
     with pytest.raises(ConfigError, match="max_targets: expected at least 1"):
         build("tasks", "grounding", {"data": data, "max_targets": 0})
+
+
+def test_closed_vqa_by_likelihood_scores_each_choice_as_training_does(tmp_path, data_root):
+    import torch
+
+    from medvlsam2.core.engine import MedVLModule
+    from medvlsam2.core.run import stages_of
+
+    vqa = task_yaml(data_root, "m3d_vqa", "vqa", ", closed_decoding: likelihood, generation: {max_new_tokens: 4}")
+    cfg = load_config([run_config(tmp_path, vqa)])
+    module = MedVLModule(cfg, stages_of(cfg)[0]).eval()
+    task, trunk = module.tasks["vqa"], module.model.trunk
+    samples = task.samples("test")
+    assert [s["kind"] for s in samples] == ["closed", "open", "closed", "open"]
+    batch = task.collate(samples)
+
+    # a candidate's score is minus the training loss summed over its tokens (+ EOS)
+    closed = batch["samples"][0]
+    prompt = batch["prompts"][0]
+    options = [f"{c}. {closed['choices'][c]}" for c in "ABCD"]
+    scores = trunk.score_answers(batch["volume"][:1], [prompt], [options])[0]
+    for option, score in zip(options, scores):
+        text = trunk.tokenize([prompt], [option])
+        with torch.no_grad():
+            loss = trunk(batch["volume"][:1], text.input_ids, text.attention_mask, text.labels).loss
+        n_tokens = int((text.labels != -100).sum())
+        assert score == pytest.approx(-float(loss) * n_tokens, rel=1e-3, abs=1e-3)
+    assert len(set(round(s, 4) for s in scores)) > 1  # the choices are told apart
+
+    rows = task.predict_step(module.model, batch)
+    for row in rows:
+        if row["kind"] == "closed":
+            logps = row["choice_logprobs"]
+            best = max(logps, key=logps.get)
+            assert row["prediction"] == f"{best}. {row['choices'][best]}"
+        else:
+            assert "choice_logprobs" not in row and isinstance(row["prediction"], str)
+    assert rows[0]["choice_logprobs"] == pytest.approx(dict(zip("ABCD", scores)), rel=1e-4)
+    metrics = task.compute_metrics(rows)
+    assert metrics["closed_accuracy"] in (0.0, 0.5, 1.0)
+
+    with pytest.raises(Exception, match="3 volume"):
+        trunk.score_answers(batch["volume"][:3], [prompt], [options])
+
+    bad = task_yaml(data_root, "m3d_vqa", "vqa", ", closed_decoding: likely")
+    with pytest.raises(ConfigError, match=r"tasks\[0\].closed_decoding: 'likely' is not one of generate, likelihood"):
+        load_config([run_config(tmp_path, bad)])
+
+
+def test_shuffled_choices_move_the_answer_letter_with_its_text_in_training_only(tmp_path, data_root):
+    import random
+    import re
+
+    from medvlsam2.core.engine import MedVLModule
+    from medvlsam2.core.run import stages_of
+
+    vqa = task_yaml(data_root, "m3d_vqa", "vqa", ", shuffle_choices: true")
+    cfg = load_config([run_config(tmp_path, vqa)])
+    task = MedVLModule(cfg, stages_of(cfg)[0]).tasks["vqa"]
+    sample = next(s for s in task.samples("train") if s["kind"] == "closed")
+    task.eval()
+    assert task.prompt_and_answer(sample)[1] == sample["closed_answer"]
+    task.train()
+    random.seed(0)
+    letters = set()
+    for _ in range(40):
+        prompt, answer = task.prompt_and_answer(sample)
+        listed = dict(re.findall(r"([A-D])\. (.*?)(?= [A-D]\. |$)", prompt.split("Choices: ")[1].split(" Answer with")[0]))
+        assert sorted(listed.values()) == sorted(sample["choices"].values())
+        letter, text = answer.split(". ", 1)
+        assert listed[letter] == text == sample["answer"]
+        letters.add(letter)
+    assert letters == {"A", "B", "C", "D"}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -155,6 +156,16 @@ class VQAConfig(TaskConfig):
     generation: GenerationConfig = field(default_factory=lambda: GenerationConfig(max_new_tokens=32))
     #: Metrics for open answers (closed answers are scored by choice accuracy).
     text_metrics: list[str] = field(default_factory=lambda: ["bleu", "rouge"])
+    #: How a closed question is answered. generate: the LLM writes its answer and the letter it
+    #: starts with is scored (M3D-VQA's protocol). likelihood: the choice whose answer
+    #: ("C. one") the LLM finds most probable, teacher-forced, is the answer (multiple choice by
+    #: likelihood, as lm-evaluation-harness and SEED-Bench score it); every answer is then one
+    #: of the choices, and the prediction records each choice's log-likelihood.
+    closed_decoding: str = "generate"
+    #: Training only: each time a closed question is drawn, its choices are listed in a random
+    #: order and the answer's letter moves with its text, so the letter is learned from the
+    #: choices the prompt lists, not from the question (a small set otherwise teaches "D").
+    shuffle_choices: bool = False
 
 
 class VQATask(TrunkTextTask):
@@ -181,6 +192,10 @@ class VQATask(TrunkTextTask):
         super().check_config(cfg, path)
         if cfg.mode not in ("closed", "open", "both"):
             raise ConfigError(f"config: {path}.mode: '{cfg.mode}' is not one of closed, open, both")
+        if cfg.closed_decoding not in ("generate", "likelihood"):
+            raise ConfigError(
+                f"config: {path}.closed_decoding: '{cfg.closed_decoding}' is not one of generate, likelihood"
+            )
 
     def samples(self, split: str) -> list[dict[str, Any]]:
         out = []
@@ -193,11 +208,42 @@ class VQATask(TrunkTextTask):
 
     def prompt_and_answer(self, sample: dict[str, Any]) -> tuple[str, str]:
         if sample["kind"] == "closed":
-            return self.template("closed").format(question=sample["closed_question"]), sample["closed_answer"]
+            if self.training and self.cfg.shuffle_choices and sample.get("choices"):
+                question, answer = shuffled_choices(sample, random.Random(random.getrandbits(64)))
+            else:
+                question, answer = sample["closed_question"], sample["closed_answer"]
+            return self.template("closed").format(question=question), answer
         return self.template("open").format(question=sample["question"]), sample["answer"]
 
     def extra_fields(self, sample: dict[str, Any]) -> dict[str, Any]:
         return {"kind": sample["kind"], "question_type": sample.get("question_type", "all"), "choices": sample.get("choices")}
+
+    @torch.no_grad()
+    def predict_step(self, model: Any, batch: dict[str, Any]) -> list[dict[str, Any]]:
+        if self.cfg.closed_decoding != "likelihood":
+            return super().predict_step(model, batch)
+        samples, prompts, answers = batch["samples"], batch["prompts"], batch["answers"]
+        closed = [i for i, s in enumerate(samples) if s["kind"] == "closed" and s.get("choices")]
+        opened = [i for i in range(len(samples)) if i not in set(closed)]
+        texts: dict[int, str] = {}
+        scored: dict[int, dict[str, float]] = {}
+        if opened:
+            texts.update(zip(opened, self.generate(model, batch["volume"][opened], [prompts[i] for i in opened])))
+        if closed:
+            letters = [list(samples[i]["choices"]) for i in closed]
+            options = [[f"{c}. {samples[i]['choices'][c]}" for c in cs] for i, cs in zip(closed, letters)]
+            logps = model.trunk.score_answers(batch["volume"][closed], [prompts[i] for i in closed], options)
+            for i, cs, opts, lp in zip(closed, letters, options, logps):
+                best = max(range(len(opts)), key=lambda k: lp[k])
+                texts[i] = opts[best]
+                scored[i] = dict(zip(cs, lp))
+        return [
+            {
+                "id": s["id"], "prompt": prompts[i], "prediction": texts[i], "reference": answers[i],
+                **self.extra_fields(s), **({"choice_logprobs": scored[i]} if i in scored else {}),
+            }
+            for i, s in enumerate(samples)
+        ]
 
     def compute_metrics(self, predictions: list[dict[str, Any]]) -> dict[str, float]:
         from medvlsam2.plugins.tasks.metrics import choice_accuracy
@@ -254,6 +300,18 @@ class VQATask(TrunkTextTask):
                 prediction = spelled.get(best, best)
             rows.append({"id": sample["id"], "prompt": prompt, "prediction": prediction, "reference": reference, **self.extra_fields(sample)})
         return rows
+
+
+def shuffled_choices(sample: dict[str, Any], rng: random.Random) -> tuple[str, str]:
+    """A closed question's ``(question with its choices listed, "X. answer")`` after putting
+    its choices in a random order: the answer keeps its text and takes its new letter."""
+    from medvlsam2.plugins.tasks.data.m3d import closed_question
+
+    letters = list(sample["choices"])
+    order = rng.sample(letters, len(letters))  # order[i]: the choice now listed as letters[i]
+    moved = {new: sample["choices"][old] for new, old in zip(letters, order)}
+    letter = letters[order.index(sample["answer_choice"])]
+    return closed_question(sample["question"], moved), f"{letter}. {sample['choices'][sample['answer_choice']]}"
 
 
 def _norm(text: Any) -> str:

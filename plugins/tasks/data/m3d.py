@@ -162,14 +162,19 @@ class M3DVQAReader(DatasetReader):
             letter = cell(row, "Answer Choice", where).upper().rstrip(".")
             if letter not in CHOICES:
                 raise InputError(f"{where}: column 'Answer Choice' must be one of A, B, C, D, got {letter!r}")
-            listed = " ".join(f"{c}. {choices[c]}" for c in CHOICES)
             sample.update(
                 choices=choices,
                 answer_choice=letter,
-                closed_question=f"{question} Choices: {listed}",
+                closed_question=closed_question(question, choices),
                 closed_answer=f"{letter}. {answer}",
             )
         return sample
+
+
+def closed_question(question: str, choices: dict[str, str]) -> str:
+    """M3D-VQA's closed-ended prompt: ``"<question> Choices: A. … B. … C. … D. …"``."""
+    listed = " ".join(f"{c}. {text}" for c, text in choices.items())
+    return f"{question} Choices: {listed}"
 
 
 # -- M3D-Seg ---------------------------------------------------------------------------------
