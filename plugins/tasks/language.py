@@ -163,8 +163,8 @@ class VQAConfig(TaskConfig):
     #: of the choices, and the prediction records each choice's log-likelihood.
     closed_decoding: str = "generate"
     #: Training only: each time a closed question is drawn, its choices are listed in a random
-    #: order and the answer's letter moves with its text, so the letter is learned from the
-    #: choices the prompt lists, not from the question (a small set otherwise teaches "D").
+    #: order and the answer's letter moves with its text, so no letter can be learned from the
+    #: question alone (docs/metrics.md: on the demo's 85 closed questions it did not help).
     shuffle_choices: bool = False
 
 
