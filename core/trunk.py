@@ -296,10 +296,11 @@ class Trunk(nn.Module):
             spliced = self._splice(visual[rows], batch.input_ids, batch.attention_mask, batch.labels, "right")
             logits = self.llm(spliced.inputs_embeds, spliced.attention_mask).logits
             targets = spliced.labels[:, 1:].to(logits.device)
-            keep = targets != IGNORE_INDEX
-            logp = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-            picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-            totals = (picked * keep).sum(dim=1)
+            keep = targets != IGNORE_INDEX  # the answer's tokens and EOS, not the prompt
+            logp = torch.log_softmax(logits[:, :-1][keep].float(), dim=-1)
+            picked = logp.gather(-1, targets[keep].unsqueeze(-1)).squeeze(-1)
+            row_of = keep.nonzero()[:, 0]
+            totals = torch.zeros(len(chunk), device=picked.device).index_add_(0, row_of, picked)
             for (i, k), total in zip(chunk, totals.tolist()):
                 scores[i][k] = float(total)
         return scores

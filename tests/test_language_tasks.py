@@ -241,7 +241,9 @@ def test_closed_vqa_by_likelihood_scores_each_choice_as_training_does(tmp_path, 
     metrics = task.compute_metrics(rows)
     assert metrics["closed_accuracy"] in (0.0, 0.5, 1.0)
 
-    with pytest.raises(Exception, match="3 volume"):
+    from medvlsam2.core.errors import InputError
+
+    with pytest.raises(InputError, match="3 volume"):
         trunk.score_answers(batch["volume"][:3], [prompt], [options])
 
     bad = task_yaml(data_root, "m3d_vqa", "vqa", ", closed_decoding: likely")

@@ -76,7 +76,10 @@ class TrunkTextTask(MedVLTask):
 
     @torch.no_grad()
     def predict_step(self, model: Any, batch: dict[str, Any]) -> list[dict[str, Any]]:
-        texts = self.generate(model, batch["volume"], batch["prompts"])
+        return self.prediction_rows(batch, self.generate(model, batch["volume"], batch["prompts"]))
+
+    def prediction_rows(self, batch: dict[str, Any], texts: list[str]) -> list[dict[str, Any]]:
+        """One prediction record per sample of ``batch``, with its answer from ``texts``."""
         return [
             {"id": s["id"], "prompt": p, "prediction": t, "reference": a, **self.extra_fields(s)}
             for s, p, t, a in zip(batch["samples"], batch["prompts"], texts, batch["answers"])
@@ -222,28 +225,26 @@ class VQATask(TrunkTextTask):
     def predict_step(self, model: Any, batch: dict[str, Any]) -> list[dict[str, Any]]:
         if self.cfg.closed_decoding != "likelihood":
             return super().predict_step(model, batch)
-        samples, prompts, answers = batch["samples"], batch["prompts"], batch["answers"]
+        samples, prompts = batch["samples"], batch["prompts"]
         closed = [i for i, s in enumerate(samples) if s["kind"] == "closed" and s.get("choices")]
-        opened = [i for i in range(len(samples)) if i not in set(closed)]
-        texts: dict[int, str] = {}
-        scored: dict[int, dict[str, float]] = {}
+        opened = [i for i in range(len(samples)) if i not in closed]
+        texts = [""] * len(samples)
         if opened:
-            texts.update(zip(opened, self.generate(model, batch["volume"][opened], [prompts[i] for i in opened])))
+            for i, text in zip(opened, self.generate(model, batch["volume"][opened], [prompts[i] for i in opened])):
+                texts[i] = text
+        scored: dict[int, dict[str, float]] = {}
         if closed:
-            letters = [list(samples[i]["choices"]) for i in closed]
-            options = [[f"{c}. {samples[i]['choices'][c]}" for c in cs] for i, cs in zip(closed, letters)]
-            logps = model.trunk.score_answers(batch["volume"][closed], [prompts[i] for i in closed], options)
-            for i, cs, opts, lp in zip(closed, letters, options, logps):
-                best = max(range(len(opts)), key=lambda k: lp[k])
-                texts[i] = opts[best]
-                scored[i] = dict(zip(cs, lp))
-        return [
-            {
-                "id": s["id"], "prompt": prompts[i], "prediction": texts[i], "reference": answers[i],
-                **self.extra_fields(s), **({"choice_logprobs": scored[i]} if i in scored else {}),
-            }
-            for i, s in enumerate(samples)
-        ]
+            options = [{c: f"{c}. {t}" for c, t in samples[i]["choices"].items()} for i in closed]
+            logps = model.trunk.score_answers(
+                batch["volume"][closed], [prompts[i] for i in closed], [list(o.values()) for o in options]
+            )
+            for i, opts, lp in zip(closed, options, logps):
+                scored[i] = dict(zip(opts, lp))
+                texts[i] = opts[max(scored[i], key=scored[i].get)]
+        rows = self.prediction_rows(batch, texts)
+        for i, logprobs in scored.items():
+            rows[i]["choice_logprobs"] = logprobs
+        return rows
 
     def compute_metrics(self, predictions: list[dict[str, Any]]) -> dict[str, float]:
         from medvlsam2.plugins.tasks.metrics import choice_accuracy
