@@ -351,6 +351,35 @@ def test_sam2_volume_overfits_one_blob_with_a_box():
         assert dice(decoder(volume, prompts).masks, mask) > 0.9
 
 
+def test_3d_refiner_starts_as_the_identity_and_corrects_decoded_voxels_only():
+    torch.manual_seed(0)
+    decoder = hiera(image_size=64, prompt_dim=16, refine_3d=4).eval()
+    volume, mask = ellipsoid((8, 32, 32), (3.5, 15.5, 15.5), (2.5, 8, 9))
+    prompts = Prompts(boxes=box_of(mask))
+    with torch.no_grad():
+        refined = decoder(volume, prompts).masks
+        refiner, decoder.refiner = decoder.refiner, None
+        plain = decoder(volume, prompts).masks
+        decoder.refiner = refiner
+    assert torch.equal(refined, plain)  # the zero-started head adds nothing
+    outside = plain == NO_OBJECT_LOGIT  # slices beyond the box's depth
+    assert outside.any() and not outside.all()
+    torch.nn.init.normal_(decoder.refiner[1].weight)
+    torch.nn.init.constant_(decoder.refiner[1].bias, 2.0)
+    with torch.no_grad():
+        changed = decoder(volume, prompts).masks
+    assert torch.equal(changed[outside], plain[outside])
+    assert (changed != plain)[~outside].float().mean() > 0.5
+    # a training step reaches the refiner's head, and "refiner" is a part that can be frozen
+    decoder.train()
+    SegmentationLoss()(decoder(volume, prompts), mask)["loss"].backward()
+    assert decoder.refiner[1].weight.grad.abs().sum() > 0
+    frozen = hiera(image_size=64, prompt_dim=16, refine_3d=4, frozen=["image_encoder", "refiner"])
+    assert not any(p.requires_grad for p in frozen.refiner.parameters())
+    with pytest.raises(ConfigError, match="decoder.refine_3d"):
+        hiera(image_size=64, refine_3d=-1)
+
+
 def test_checkpoints_round_trip(tmp_path):
     torch.manual_seed(0)
     decoder = hiera(image_size=64, prompt_dim=16).eval()

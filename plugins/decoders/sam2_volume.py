@@ -39,7 +39,7 @@ from medvlsam2.core.weights import tensor_bytes
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
-_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder", "memory", "text_proj", "box_head")
+_PARTS = ("image_encoder", "prompt_encoder", "mask_decoder", "memory", "text_proj", "box_head", "refiner")
 _MEMORY_MODULES = (
     "memory_attention",
     "memory_encoder",
@@ -116,6 +116,17 @@ class SAM2VolumeConfig:
     #: LiteMedSAM heads were trained with one mask output only (their other mask tokens give
     #: logits near 0 everywhere on the demo's brains).
     multimask_output: bool | None = None
+    #: Width of a 3D refinement network over each object's mask logits (0: off). SAM draws every
+    #: slice in 2D; the refiner, MONAI's HighResNet (dilated residual 3D convolutions, receptive
+    #: field 31 voxels) with a 1x1x1 head, sees the image and the logits of the neighbouring
+    #: slices together and adds a correction to the logits, inside the object's decoded region
+    #: only (its bounding box where the mask is above ``refine_floor``, grown by
+    #: ``refine_margin`` voxels). Its head starts at zero, so an untrained refiner changes nothing.
+    refine_3d: int = 0
+    #: Voxels added on each side of the region the refiner sees.
+    refine_margin: int = 3
+    #: Logit above which a voxel counts as part of the object's region for the refiner.
+    refine_floor: float = -4.0
 
 
 @dataclass
@@ -127,6 +138,25 @@ class _Group:
     anchor: int
     lo: int
     hi: int
+
+
+def _refiner(width: int) -> nn.Module:
+    """HighResNet over (image, mask logits) giving ``width`` features, and a zero-started 1x1x1 head."""
+    from monai.networks.nets import HighResNet
+
+    layers = (
+        {"name": "conv_0", "n_features": width, "kernel_size": 3},
+        # dilations 1, 2 and 4, one residual block each
+        *({"name": f"res_{i}", "n_features": width, "kernels": (3, 3), "repeat": 1} for i in (1, 2, 3)),
+        {"name": "conv_1", "n_features": width, "kernel_size": 1},
+        {"name": "conv_2", "kernel_size": 1},
+    )
+    # instance norm: a refiner batch is a few objects of different sizes
+    backbone = HighResNet(3, 2, width, norm_type=("instance", {"affine": True}), layer_params=layers)
+    head = nn.Conv3d(width, 1, kernel_size=1)
+    nn.init.zeros_(head.weight)
+    nn.init.zeros_(head.bias)
+    return nn.Sequential(backbone, head)
 
 
 def _content_key(volume: torch.Tensor) -> str:
@@ -167,6 +197,11 @@ class SAM2VolumeDecoder(MaskDecoder):
             nn.init.zeros_(self.box_head[-1].weight)
             with torch.no_grad():
                 self.box_head[-1].bias.copy_(torch.tensor([-math.log(3.0)] * 3 + [math.log(2.0)] * 3))
+        self.refiner: nn.Module | None = None
+        if cfg.refine_3d < 0 or cfg.refine_margin < 0:
+            raise ConfigError(f"decoder.refine_3d and decoder.refine_margin must be >= 0, got {cfg.refine_3d} and {cfg.refine_margin}")
+        if cfg.refine_3d:
+            self.refiner = _refiner(int(cfg.refine_3d))
         if cfg.checkpoint:
             self.load_report = self.load_checkpoint(cfg.checkpoint)
         self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
@@ -256,6 +291,9 @@ class SAM2VolumeDecoder(MaskDecoder):
         elif part == "box_head":
             if self.box_head is not None:
                 yield from self.box_head.parameters()
+        elif part == "refiner":
+            if self.refiner is not None:
+                yield from self.refiner.parameters()
         else:
             for name in _MEMORY_MODULES:
                 obj = getattr(sam, name, None)
@@ -281,6 +319,34 @@ class SAM2VolumeDecoder(MaskDecoder):
             result = self.load_state_dict(state, strict=False)
             return LoadReport(str(path), len(state) - len(result.unexpected_keys), list(result.missing_keys), list(result.unexpected_keys))
         return load_sam2_checkpoint(self.sam, path)
+
+    def _refine(self, norm: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Each object's logits plus the 3D refiner's correction, inside its decoded region.
+
+        Slices and objects the prompts ruled out keep ``NO_OBJECT_LOGIT``: the refiner corrects
+        the mask where SAM drew one, it does not extend an object beyond its box's depth.
+        """
+        assert self.refiner is not None
+        margin, floor = int(self.cfg.refine_margin), float(self.cfg.refine_floor)
+        refined = masks.clone()
+        spatial = masks.shape[2:]
+        for b in range(masks.shape[0]):
+            for k in range(masks.shape[1]):
+                logits = masks[b, k]
+                decoded = logits > NO_OBJECT_LOGIT
+                region = (decoded & (logits > floor)).nonzero()
+                if region.numel() == 0:
+                    continue
+                lo = (region.min(dim=0).values - margin).clamp(min=0).tolist()
+                hi = [min(int(h) + margin + 1, n) for h, n in zip(region.max(dim=0).values, spatial)]
+                box = tuple(slice(a, z) for a, z in zip(lo, hi))
+                crop = logits[box]
+                if crop.numel() < 2:  # instance norm needs two voxels
+                    continue
+                x = torch.stack([norm[b, 0][box].to(crop.dtype), crop.clamp(-20.0, 20.0) / 10.0])[None]
+                delta = self.refiner(x)[0, 0].float()
+                refined[b, k][box] = torch.where(decoded[box], crop + delta, crop)
+        return refined
 
     # -- per-slice pieces -------------------------------------------------------------------
     def _slice_image(self, norm: torch.Tensor, b: int, d: int) -> torch.Tensor:
@@ -684,4 +750,6 @@ class SAM2VolumeDecoder(MaskDecoder):
                 scores[b, group.objects] = group_scores.float()
         if not self.cfg.feature_cache_slices:
             self._feature_cache.clear()
+        if self.refiner is not None:
+            masks = self._refine(norm, masks)
         return DecoderOutput(masks=masks, iou_pred=ious, object_score=scores, boxes=boxes)
