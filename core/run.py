@@ -188,6 +188,19 @@ def prepare_demo_data(cfg: DictConfig) -> None:
     )
 
 
+def check_evaluation_limit(cfg: DictConfig, split: str) -> None:
+    """Refuse to score ``split`` when the trainer's batch limit for it is 0. Lightning applies
+    ``limit_val_batches`` to ``trainer.validate`` as well as to validation during ``fit`` (where
+    0 is the usual way to switch it off), and would return empty metrics without a word."""
+    key = "limit_test_batches" if split == "test" else "limit_val_batches"
+    if cfg.trainer[key] is not None and cfg.trainer[key] == 0:
+        raise ConfigError(
+            f"config: trainer.{key}: 0 leaves no batch of the {split} split to score; "
+            f"pass trainer.{key}=null to score all of it (0 only switches off "
+            f"{'the test after fit' if split == 'test' else 'validation during fit'})"
+        )
+
+
 def _read_state(folder: Path) -> dict[str, Any]:
     path = folder / "state.json"
     return json.loads(path.read_text()) if path.is_file() else {"completed": []}
@@ -233,6 +246,8 @@ def fit(
         cfg = load_config([folder / "config.yaml"])
     else:
         folder = run_dir(cfg)
+    if cfg.trainer.test_after_fit:
+        check_evaluation_limit(cfg, "test")  # before training, not after it
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "config.yaml", to_yaml(cfg))
     prepare_demo_data(cfg)
@@ -316,6 +331,7 @@ def evaluate(cfg: DictConfig, ckpt: str | Path | None, *, split: str = "test") -
 
     from medvlsam2.core.engine import MedVLModule
 
+    check_evaluation_limit(cfg, split)
     prepare_demo_data(cfg)
     L.seed_everything(int(cfg.seed), verbose=False)  # random-init frozen parts as in training
     module = MedVLModule(cfg, StageConfig(name=split, tasks=[]))
@@ -334,6 +350,7 @@ def evaluate_module(
 ) -> tuple[dict[str, float], dict[str, list]]:
     """Score a built module on ``split``; returns the metrics and every task's predictions.
     ``callbacks`` are extra Lightning callbacks for the evaluation trainer."""
+    check_evaluation_limit(cfg, split)
     folder = run_dir(cfg)
     stage = StageConfig(name=split, tasks=list(dict.fromkeys(t["name"] for t in cfg.tasks)))
     datamodule = _datamodule(cfg, module, stage)

@@ -17,6 +17,7 @@ from test_example_plugin import make_dataset
 
 from medvlsam2.core.checkpoint import load_checkpoint
 from medvlsam2.core.config import load_config
+from medvlsam2.core.errors import ConfigError
 from medvlsam2.core.run import evaluate, fit
 
 
@@ -152,6 +153,7 @@ KILL_SCRIPT = """
 import os, signal, sys
 import lightning as L
 from medvlsam2.core.config import load_config
+from medvlsam2.core.errors import ConfigError
 from medvlsam2.core.run import fit
 
 class KillAfterFirstCheckpoint(L.Callback):
@@ -205,3 +207,21 @@ def test_ddp_on_two_cpu_processes(tmp_path):
     ckpt = load_checkpoint(folder / "checkpoints" / "last.ckpt")
     # 4 training samples, batch 2 per rank -> 2 steps an epoch on each rank, 2 epochs.
     assert ckpt["global_step"] == 4
+
+
+def test_a_zero_evaluation_limit_is_refused_before_anything_runs(tmp_path):
+    """Lightning applies limit_val_batches / limit_test_batches to validate and test as well as
+    to fit; at 0 they would score nothing without a word. Without the test after fit, 0 is
+    allowed (it switches off validation during training, as the demo does)."""
+    cfg = load_config([write_config(tmp_path, epochs=1)], ["trainer.limit_test_batches=0"])
+    with pytest.raises(ConfigError, match=r"trainer\.limit_test_batches: 0 leaves no batch of the test split"):
+        fit(cfg)
+    assert not (tmp_path / "runs").exists()  # refused before the run folder is written
+    cfg = load_config([write_config(tmp_path, epochs=1)], ["trainer.limit_test_batches=0", "trainer.test_after_fit=false",
+                                                           "trainer.limit_val_batches=0"])
+    folder = fit(cfg)
+    ckpt = folder / "checkpoints" / "last.ckpt"
+    with pytest.raises(ConfigError, match=r"trainer\.limit_val_batches: 0 leaves no batch of the validation split"):
+        evaluate(cfg, ckpt, split="validation")
+    cfg.trainer.limit_test_batches = None
+    assert evaluate(cfg, ckpt, split="test")["test/volume_classification/num_cases"] == 2

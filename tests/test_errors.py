@@ -210,6 +210,17 @@ CATALOGUE = {
         ["checkpoint", "frozen/checkpoints/last.ckpt: 4 frozen weight(s) rebuilt from the config differ from the ones it "
          "was trained with (e.g. model._encoder.", "the pretrained source, the seed or a library version changed"],
     ),
+    # evaluation limits: Lightning would score no batch and print nothing
+    "validate-limit-zero": (
+        lambda e: ["validate", "--config", str(e["example_config"]), "trainer.limit_val_batches=0", "--ckpt", str(e["example_ckpt"])],
+        ["config: trainer.limit_val_batches: 0 leaves no batch of the validation split to score; "
+         "pass trainer.limit_val_batches=null to score all of it"],
+    ),
+    "test-after-fit-limit-zero": (
+        lambda e: ["fit", "--config", str(e["example_config"]), "trainer.limit_test_batches=0"],
+        ["config: trainer.limit_test_batches: 0 leaves no batch of the test split to score; "
+         "pass trainer.limit_test_batches=null", "(0 only switches off the test after fit)"],
+    ),
     # dataset files
     "csv-missing-column": (lambda e: evaluate_on(e, "csv_column"), ["M3D_VQA_test.csv: column 'Answer' missing"]),
     "csv-missing-file": (lambda e: evaluate_on(e, "csv_file"), ["M3D_VQA_test.csv row 2: Image Path file not found:", "case9.nii.gz"]),
