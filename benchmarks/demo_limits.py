@@ -181,6 +181,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--structure-steps", type=int, default=500)
     parser.add_argument("--lesion-steps", type=int, default=1500)
     parser.add_argument("--augment", action="store_true", help="train the lesion U-Net on random flips and intensities")
+    parser.add_argument("--anti-aliasing", action="store_true",
+                        help="resize the volumes with preprocess.anti_aliasing (a Gaussian along each downsampled axis)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -193,20 +195,21 @@ def main(argv: list[str] | None = None) -> dict:
     root = data / info["root"]
     task = build("tasks", "semantic_seg", {
         "data": {"format": "nifti_json", "root": str(root),
-                 "preprocess": {"preset": info["preprocess_preset"], "spatial_size": args.size}},
+                 "preprocess": {"preset": info["preprocess_preset"], "spatial_size": args.size,
+                                "anti_aliasing": args.anti_aliasing}},
         "metrics_grid": "model"})
     xtr, ytr = load_split(task, "train", args.train_cases)
     xva, yva = load_split(task, "validation", None)
     by_name = {name: int(value) for value, name in info["labels"].items()}
     large = {name: by_name[name] for name in info["large_labels"]}
     result = {
-        "data": str(data), "grid": args.size, "train_cases": len(xtr), "validation_cases": len(xva),
+        "data": str(data), "grid": args.size, "anti_aliasing": args.anti_aliasing, "train_cases": len(xtr), "validation_cases": len(xva),
         "visibility": visibility(root, task, xva, yva, int(info["lesion_label"])),
         "structures": structures(xtr, ytr, xva, yva, large, args.structure_steps, args.seed),
         "lesion": lesion(xtr, ytr, xva, yva, int(info["lesion_label"]), args.lesion_steps, args.seed, args.augment),
     }
     s, les, vis = result["structures"], result["lesion"], result["visibility"]
-    print(f"grid {args.size}, {len(xtr)} training / {len(xva)} validation cases")
+    print(f"grid {args.size}{' (anti-aliased)' if args.anti_aliasing else ''}, {len(xtr)} training / {len(xva)} validation cases")
     print(f"large structures: validation mean Dice {s['mean_dice']:.3f} after {s['steps']} steps ({s['train_seconds']} s)")
     print(f"lesion: validation voxel Dice {les['voxel_dice']:.3f}, presence AUROC {les['presence_auroc']:.3f} "
           f"after {les['steps']} steps ({les['train_seconds']} s{', augmented' if les['augmented'] else ''}); "

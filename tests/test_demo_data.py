@@ -356,8 +356,9 @@ def test_demo_limits_benchmark_trains_specialists_on_train_and_scores_validation
         assert 0 <= hit <= cases
     assert result["lesion"]["localised"][1] == result["lesion"]["validation_cases_with_lesion"]
     augmented = script["main"](["--data", str(built), "--size", "4", "32", "32", "--structure-steps", "1",
-                                "--lesion-steps", "2", "--augment"])
+                                "--lesion-steps", "2", "--augment", "--anti-aliasing"])
     assert augmented["lesion"]["augmented"] is True
+    assert (result["anti_aliasing"], augmented["anti_aliasing"]) == (False, True)
     assert augmented["lesion"]["train_localised"][1] == result["lesion"]["train_localised"][1]
     with pytest.raises(SystemExit, match="demo.json not found; build one with"):
         script["main"](["--data", str(tmp_path)])

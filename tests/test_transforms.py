@@ -153,6 +153,30 @@ def test_unknown_preset_and_key() -> None:
         get_preset("ct", windw=(0, 1))
 
 
+def test_anti_aliasing_averages_each_slab_and_restore_is_unchanged(tmp_path: Path) -> None:
+    # One bright slice in four along the slice axis: resizing 48 slices to 12 samples between
+    # the file's slices 1 and 2, 5 and 6, ... and misses every bright one; anti-aliasing first
+    # smooths along that axis, so each model slice carries about the slab's mean (0.25).
+    volume = np.zeros((16, 16, 48), dtype=np.float32)
+    volume[:, :, ::4] = 1.0
+    path = _write(tmp_path / "stripes.nii.gz", volume)
+    plain, record = preprocess(path, get_preset("ct", intensity="none", spatial_size=(12, 16, 16)))
+    smooth, smooth_record = preprocess(
+        path, get_preset("ct", intensity="none", spatial_size=(12, 16, 16), anti_aliasing=True)
+    )
+    assert plain.shape == smooth.shape == (1, 12, 16, 16)
+    assert float(plain.max()) < 0.05
+    per_slice = smooth[0].mean(dim=(1, 2))
+    assert torch.all((per_slice > 0.15) & (per_slice < 0.35)), per_slice
+    # The grid, the affine and the way back are those of plain resizing.
+    np.testing.assert_allclose(smooth_record.model_affine, record.model_affine)
+    mask = np.zeros((12, 16, 16), dtype=np.uint8)
+    mask[3:7, 4:10, 5:12] = 1
+    np.testing.assert_array_equal(restore(mask, smooth_record), restore(mask, record))
+    with pytest.raises(ConfigError, match="preprocess.anti_aliasing"):
+        get_preset("ct", anti_aliasing="yes")
+
+
 # -- bad inputs: one InputError naming the file -----------------------------------------------
 def _write(path: Path, data: np.ndarray) -> Path:
     nib.save(nib.Nifti1Image(data, np.eye(4)), str(path))

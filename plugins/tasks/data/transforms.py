@@ -51,6 +51,7 @@ class PreprocessConfig:
     crop_margin: int = 0
     spatial_size: tuple[int, int, int] | None = (32, 256, 256)
     resize_mode: str = "resize"
+    anti_aliasing: bool = False
     slice_axis: int = 2
     array_spacing: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
@@ -63,6 +64,8 @@ class PreprocessConfig:
             raise ConfigError(
                 f"preprocess.resize_mode: '{self.resize_mode}' is not one of {', '.join(RESIZE_MODES)}"
             )
+        if not isinstance(self.anti_aliasing, bool):
+            raise ConfigError(f"preprocess.anti_aliasing: expected true or false, got {self.anti_aliasing!r}")
         if self.slice_axis not in (0, 1, 2):
             raise ConfigError(f"preprocess.slice_axis: expected 0, 1 or 2, got {self.slice_axis}")
         if self.spatial_size is not None and (len(self.spatial_size) != 3 or min(self.spatial_size) < 1):
@@ -260,7 +263,10 @@ def _spatial_transforms(cfg: PreprocessConfig, grid_size: tuple[int, int, int] |
             mt.CropForeground(select_fn=lambda x: x > threshold, margin=cfg.crop_margin, allow_smaller=True)
         )
     if grid_size is not None and cfg.resize_mode == "resize":
-        ops.append(mt.Resize(spatial_size=grid_size, mode="trilinear"))
+        # anti_aliasing: a Gaussian (sigma (factor - 1) / 2) along each downsampled axis first,
+        # so a voxel of the model grid averages the slab it stands for instead of sampling the
+        # two nearest file slices. Labels are still sampled at voxel centres.
+        ops.append(mt.Resize(spatial_size=grid_size, mode="trilinear", anti_aliasing=cfg.anti_aliasing))
     elif grid_size is not None and cfg.resize_mode == "pad_crop":
         ops.append(mt.ResizeWithPadOrCrop(spatial_size=grid_size))
     return ops
