@@ -120,6 +120,16 @@ class MedVLModule(L.LightningModule):
             return None
         key = batch["task"]
         losses = self.tasks[key].training_step(self.model, batch)
+        if torch.is_grad_enabled() and not losses["loss"].requires_grad:
+            # e.g. interactive_seg (decoder only) in a stage whose trainable leaves the decoder out;
+            # backward would fail with an internal error naming no key
+            stage = self.stage.name if self.stage is not None else "train"
+            task = self.tasks[key]
+            raise ConfigError(
+                f"config: stage '{stage}': the loss of task {key} reaches none of the stage's trainable "
+                f"components ({', '.join(self.trainable_components)}); add one it trains "
+                f"({', '.join(task.trains) or 'its own parameters'}) to the stage's trainable, or leave {key} out of its tasks"
+            )
         size = _batch_size(batch)
         for name, value in losses.items():
             self.log(f"train/{key}/{name}", value.detach(), batch_size=size, on_step=True, prog_bar=name == "loss")

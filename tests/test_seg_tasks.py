@@ -122,9 +122,9 @@ def task_entries(data: Path, refseg: Path) -> list[dict]:
     ]
 
 
-def run_config(tmp_path: Path, tasks: list[dict], model: dict = MODEL, max_steps: int = 2) -> object:
+def run_config(tmp_path: Path, tasks: list[dict], model: dict = MODEL, max_steps: int = 2, stages: list | None = None) -> object:
     cfg = {
-        "model": model, "tasks": tasks,
+        "model": model, "tasks": tasks, **({"stages": stages} if stages else {}),
         "trainer": {"max_steps": max_steps, "batch_size": 2, "enable_progress_bar": False, "accelerator": "cpu",
                     "log_every_n_steps": 1},
         "output_dir": str(tmp_path / "runs"), "seed": 0,
@@ -367,6 +367,22 @@ def test_fit_then_test_runs_the_three_tasks_through_the_engine(data_dirs, tmp_pa
     assert metrics["test/referring_seg/num_cases"] == 2
     assert 0.0 <= metrics["test/interactive_seg/dice_click5"] <= 1.0
     assert json.loads((folder / "metrics.json").read_text()) == metrics
+
+
+def test_a_stage_that_freezes_everything_a_task_trains_is_named_not_an_internal_error(data_dirs, tmp_path):
+    # interactive_seg's loss reaches the decoder only (no LLM in its step); a stage that trains
+    # LoRA alone gives it nothing to train, and backward would fail with a bare RuntimeError
+    from medvlsam2.core.run import fit
+
+    tasks = [task_entries(*data_dirs)[2]]
+    stages = [{"name": "joint", "tasks": ["interactive_seg"], "trainable": ["lora"], "max_steps": 2}]
+    cfg = run_config(tmp_path, tasks, stages=stages)
+    with warnings.catch_warnings(), pytest.raises(ConfigError) as error:
+        warnings.simplefilter("ignore")
+        fit(cfg)
+    message = str(error.value)
+    assert "stage 'joint'" in message and "task interactive_seg" in message
+    assert "(lora)" in message and "decoder" in message
 
 
 def test_sam2_volume_decoder_trains_semantic_seg(data_dirs, tmp_path):
