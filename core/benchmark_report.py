@@ -14,6 +14,22 @@ from typing import Any
 
 from medvlsam2.core.checkpoint import atomic_write_text
 
+
+def machine_text(info: dict[str, Any]) -> str:
+    """One line for a report from ``benchmark_worker.machine()``: the CPU and the kernels torch
+    runs on it, the GPU, and the versions of the stack (older results lack the last ones)."""
+    kernels = list(info.get("cpu_features") or [])
+    if info.get("cpu_kernels"):
+        kernels.insert(0, f"torch CPU kernels {info['cpu_kernels']}")
+    threads = f"{info.get('torch_threads', '?')} torch threads"
+    if kernels:
+        threads += "; " + ", ".join(kernels)
+    libraries = info.get("libraries") or {"torch": info.get("torch", "?")}
+    text = (f"{info.get('cpu', '?')}, {info.get('cores', '?')} cores ({threads}), GPU: {info.get('gpu') or 'none'}; "
+            + ", ".join(f"{name} {version}" for name, version in libraries.items()))
+    return text + (f"; medvlsam2 {info['medvlsam2']}" if info.get("medvlsam2") else "")
+
+
 COLUMNS = [
     "kind", "name", "seed", "task", "metric", "score", "latency_ms", "params_total", "params_trainable",
     "train_samples_per_s", "gflops_per_sample", "mfu", "peak_rss_mb", "gpu_peak_mb", "train_steps", "status",
@@ -234,8 +250,7 @@ def write_report(out: Path, cfg: Any, jobs: Sequence[Any], *, command: str, echo
     info = machines[0]["machine"] if machines else {}
     date = max((m.get("date", "") for m in machines), default=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     lines = [f"# Benchmark `{cfg.name}`", "", f"* command: `{command}`",
-             f"* machine: {info.get('cpu', '?')}, {info.get('cores', '?')} cores ({info.get('torch_threads', '?')} torch "
-             f"threads), torch {info.get('torch', '?')}, GPU: {info.get('gpu') or 'none'}",
+             f"* machine: {machine_text(info)}",
              f"* date of the latest job: {date}"]
     if rows:
         lines += [f"* budget: {_budget_text(cfg)}; seeds: {list(cfg.seeds)}", ""] + _main_table(rows, clicks)

@@ -14,7 +14,7 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,23 +85,77 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     return out
 
 
+#: The libraries whose versions change a run's numbers (their kernels, defaults or tokenisers).
+STACK = ("torch", "transformers", "peft", "lightning", "monai", "timm", "sam2", "numpy", "scipy")
+
+#: CPU instruction sets that pick which kernels torch and oneDNN run (AMX: bf16 matmuls in tiles).
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
 def machine() -> dict[str, Any]:
-    """What the numbers were measured on."""
-    cpu = platform.processor() or platform.machine()
+    """What the numbers were measured on: the hardware and the software.
+
+    Two runs of one config with one seed give the same numbers to the last digit only on the
+    same CPU kernels and library versions; this records both, so runs can be compared.
+    """
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
     import os
 
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "torch": torch.__version__, "python": platform.python_version(), "gpu": None}
+            "torch": torch.__version__, "python": platform.python_version(), "gpu": None,
+            "cpu_kernels": torch.backends.cpu.get_cpu_capability(),
+            "cpu_features": [f for f in CPU_FEATURES if f in flags],
+            "libraries": library_versions(), "medvlsam2": source_version()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     return info
+
+
+def library_versions(names: Sequence[str] = STACK) -> dict[str, str]:
+    """Installed version of each of ``names`` (the ones not installed are left out)."""
+    from importlib import metadata
+
+    out = {}
+    for name in names:
+        try:
+            # torch's own string names its build (e.g. +cu130), which the metadata may not
+            out[name] = torch.__version__ if name == "torch" else metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+def source_version() -> str:
+    """This package's version and, when it runs from a git checkout, the commit (``+dirty``
+    when files differ from it)."""
+    import subprocess
+
+    import medvlsam2
+
+    here = Path(medvlsam2.__file__).resolve().parent
+    version = str(medvlsam2.__version__)
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(here), *args], capture_output=True, text=True, timeout=10, check=True)
+        return done.stdout.strip()
+
+    try:
+        # only this package's own checkout, not a repository that happens to contain site-packages
+        if Path(git("rev-parse", "--show-toplevel")).resolve() not in (here, here.parent):
+            return version
+        commit = git("rev-parse", "--short=12", "HEAD")
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+    except (OSError, subprocess.SubprocessError):
+        return version
+    return f"{version} (commit {commit}{'+dirty' if dirty else ''})"
 
 
 def load_run_config(run_config: dict[str, Any], folder: Path) -> DictConfig:

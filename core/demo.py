@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from medvlsam2.core.benchmark_report import machine_text
 from medvlsam2.core.checkpoint import atomic_write_text
 
 #: (what, how it is computed, target) — measured on the demo's test split.
@@ -43,6 +44,7 @@ def run_demo(
 
     ``configs`` / ``overrides`` are merged over the packaged demo config (e.g. another LLM).
     """
+    from medvlsam2.core.benchmark_worker import machine
     from medvlsam2.core.config import load_config
     from medvlsam2.core.export import export
     from medvlsam2.core.run import fit
@@ -85,6 +87,9 @@ def run_demo(
         # the same machine runs up to about 2x slower at times (shared cores): compare runs by this
         "matmul_gflops": {"before": speed_before, "after": matmul_speed()},
         "machine": f"{platform.processor() or platform.machine()}, {_cores()} cores, {platform.python_version()}",
+        # one config and seed repeat their numbers to the last digit only on the same CPU kernels
+        # and library versions; this is what to compare when two runs differ
+        "environment": machine(),
         "date": time.strftime("%Y-%m-%d"),
         "targets": [
             {"what": what, "metric": key, "target": target, "value": _value(metrics, derived, key),
@@ -213,6 +218,7 @@ def results_markdown(results: dict[str, Any], cfg: Any) -> str:
         "# MedVL-SAM2 demo results" + (" (quick smoke run)" if results["quick"] else ""),
         "",
         f"Test split of the demo dataset; {results['date']}; {results['machine']}.",
+        *([f"Machine and software: {machine_text(results['environment'])}."] if results.get("environment") else []),
         f"Wall time {results['wall_seconds'] / 60:.1f} min, peak memory {results['peak_memory_gib']:.2f} GiB.",
         *_time_lines(results),
         "",

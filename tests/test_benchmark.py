@@ -145,3 +145,30 @@ def test_grid_is_a_cartesian_product_with_replacing_values(tmp_path):
     assert cells[1].replace == {"seed": 1, "model.decoder": {"name": "b"}}
     spec = json.loads(json.dumps(cells[0].replace))
     assert spec["model.decoder"] == {"name": "a", "k": 1}
+
+
+def test_machine_names_the_kernels_the_stack_and_this_checkout():
+    """What two runs must share to give the same numbers: the CPU kernels and the versions."""
+    import subprocess
+
+    import torch
+
+    import medvlsam2
+    from medvlsam2.core.benchmark_report import machine_text
+    from medvlsam2.core.benchmark_worker import machine
+
+    info = machine()
+    assert info["cpu_kernels"] == torch.backends.cpu.get_cpu_capability()
+    assert info["libraries"]["torch"] == torch.__version__ and "peft" in info["libraries"]
+    here = Path(medvlsam2.__file__).resolve().parent
+    top = subprocess.run(["git", "-C", str(here), "rev-parse", "--show-toplevel"], capture_output=True, text=True)
+    if top.returncode == 0 and Path(top.stdout.strip()).resolve() in (here, here.parent):
+        head = subprocess.run(["git", "-C", str(here), "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True)
+        assert f"commit {head.stdout.strip()}" in info["medvlsam2"]
+    else:  # an installed wheel: the version alone
+        assert info["medvlsam2"] == medvlsam2.__version__
+    line = machine_text(info)
+    assert f"torch {torch.__version__}" in line and f"torch CPU kernels {info['cpu_kernels']}" in line
+    # results written before the versions were recorded still read
+    old = {"cpu": "AMD EPYC", "cores": 2, "torch_threads": 2, "torch": "2.14.1", "gpu": None}
+    assert machine_text(old) == "AMD EPYC, 2 cores (2 torch threads), GPU: none; torch 2.14.1"

@@ -45,6 +45,10 @@ def test_demo_writes_results_samples_pictures_and_a_model(tmp_path):
     by_task = data["test_seconds_by_task"]  # the test trainer gets the demo's clock too
     assert tasks <= set(by_task) and 0 < sum(by_task.values()) <= stages["test"] + 1, by_task
     assert "Test minutes by task: " in text
+    # what a rerun must match to repeat the numbers: the CPU's kernels and the stack's versions
+    env = data["environment"]
+    assert env["cpu_kernels"] and env["libraries"]["torch"] and env["libraries"]["transformers"]
+    assert env["medvlsam2"].startswith("0.") and f"transformers {env['libraries']['transformers']}" in text
     assert "| what | value | target | met | no-image baseline |" in text and "The no-image baseline never looks" in text
     assert "## Report, case" in (out / "samples.md").read_text()
     for name in ("semantic_seg.png", "referring_seg.png", "interactive_seg.png", "dice_vs_clicks.png", "training_curves.png"):
