@@ -162,3 +162,48 @@ def test_smollm2_loads_offline_from_the_package_and_is_cached():
     ids = tok("The capital of France is", return_tensors="pt").input_ids
     new = again.generate_ids(again.embed_tokens(ids), torch.ones_like(ids), max_new_tokens=3, do_sample=False)
     assert "Paris" in tok.decode(new[0])  # LoRA starts as identity: the pretrained model answers
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied_head", "own_head"])
+def test_generation_with_the_new_rows_merged_matches_the_unmerged_model_and_training_goes_on(tied, monkeypatch):
+    """generate_ids writes the trained <image>/[SEG> rows into the table for the call only: the
+    same scores as peft's unmerged path, the original rows back after, and (after Lightning's
+    inference mode) training still runs."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    cfg = {**TINY_LLAMA, "model_config": {**TINY_LLAMA["model_config"], "tie_word_embeddings": tied}}
+    torch.manual_seed(0)
+    llm = build("llms", "hf_causal", cfg)
+    layers = [m for m in llm.model.modules() if isinstance(m, TrainableTokensLayer)]
+    assert len(layers) == (2 if tied else 1)
+    with torch.no_grad():  # trained rows that differ from the originals
+        for p in llm.parameters():
+            if "trainable_tokens_delta" in next(n for n, q in llm.named_parameters() if q is p):
+                p.add_(torch.randn_like(p) * 3)
+    table = layers[0].base_layer.weight.detach().clone()
+    ids = torch.tensor([[11, llm.seg_token_id, 13, llm.image_token_id, 17]])
+    embeds, mask = llm.embed_tokens(ids).detach(), torch.ones_like(ids)
+    kwargs = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                  pad_token_id=llm.tokenizer.pad_token_id, eos_token_id=llm.eos_token_ids)
+    copies = []  # peft's unmerged path copies the whole table on every forward
+    per_forward = TrainableTokensLayer.get_merged_weights
+    monkeypatch.setattr(TrainableTokensLayer, "get_merged_weights", lambda *a: copies.append(1) or per_forward(*a))
+    with torch.inference_mode():
+        unmerged = llm.model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        assert len(copies) >= (6 if tied else 3)  # each new token (the first reads the prompt's embeddings)
+        copies.clear()
+        merged = llm.generate_ids(embeds, mask, **kwargs)
+        assert not copies
+    assert torch.equal(merged.sequences, unmerged.sequences)
+    for a, b in zip(merged.scores, unmerged.scores, strict=True):
+        assert torch.equal(a, b)
+    if tied:  # the head scores [SEG] with its trained row, not the original one
+        hidden = llm(embeds, mask).hidden_states[:, -1].detach()
+        assert not torch.allclose(hidden @ table[llm.seg_token_id], unmerged.scores[0][0, llm.seg_token_id])
+    assert not any(layer.merged for layer in layers)
+    assert torch.equal(layers[0].base_layer.weight, table)
+    assert not layers[0].base_layer.weight.is_inference()
+    out = llm(llm.embed_tokens(ids), mask, labels=ids)
+    out.loss.backward()
+    delta = next(p for n, p in llm.named_parameters() if "trainable_tokens_delta" in n)
+    assert delta.grad is not None and delta.grad.abs().sum() > 0

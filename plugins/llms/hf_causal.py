@@ -15,6 +15,7 @@ trainable rows of the (frozen) embedding table, through peft's ``trainable_token
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import hashlib
@@ -22,6 +23,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -278,7 +280,9 @@ class HFCausalLM(LanguageModel):
     # -- the LanguageModel contract -----------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.get_input_embeddings().weight.dtype
+        # the table's own parameters: with trainable new rows, peft builds ``.weight`` by copying
+        # the whole table on every access
+        return next(self.model.get_input_embeddings().parameters()).dtype
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -343,9 +347,10 @@ class HFCausalLM(LanguageModel):
         """New token ids ``(B, T_new)`` after a left-padded embedded prompt (HF ``generate``)."""
         kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         kwargs.setdefault("eos_token_id", self.eos_token_ids)
-        return self.model.generate(
-            inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask, **kwargs
-        )
+        with _new_tokens_merged(self.model):
+            return self.model.generate(
+                inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask, **kwargs
+            )
 
     def trainable_parameter_count(self) -> tuple[int, int]:
         """(trainable, total), as peft reports it when LoRA is on."""
@@ -353,6 +358,35 @@ class HFCausalLM(LanguageModel):
             return self.model.get_nb_trainable_parameters()
         params = list(self.model.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+@contextlib.contextmanager
+def _new_tokens_merged(model: nn.Module) -> Iterator[None]:
+    """The trained rows of the new tokens written into the embedding table (and the tied output
+    head) while generating, and the original rows back afterwards.
+
+    Unmerged, peft's trainable-token layer copies the whole table on every forward to put its
+    rows in: twice per generated token with a tied head, about a fifth of the demo's test time.
+    Merged, the layer looks rows up in the table itself, which holds the same values, so the
+    tokens generated are the same."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    layers = [m for m in model.modules() if isinstance(m, TrainableTokensLayer) and not m.merged]
+    if not layers or torch.is_grad_enabled():
+        yield
+        return
+    # under inference mode (Lightning's evaluation) the merged table would be an inference
+    # tensor, which training cannot use afterwards
+    try:
+        with torch.inference_mode(False), torch.no_grad():
+            for layer in layers:
+                layer.merge()
+        yield
+    finally:
+        with torch.inference_mode(False), torch.no_grad():
+            for layer in reversed(layers):
+                if layer.merged:
+                    layer.unmerge()
 
 
 def _embedding_name(model: nn.Module) -> str:
