@@ -6,6 +6,7 @@ import time
 
 import pytest
 import torch
+from torch import nn
 
 from medvlsam2.core.errors import ConfigError, InputError
 from medvlsam2.core.llm import IMAGE_TOKEN, SEG_TOKEN
@@ -207,3 +208,54 @@ def test_generation_with_the_new_rows_merged_matches_the_unmerged_model_and_trai
     out.loss.backward()
     delta = next(p for n, p in llm.named_parameters() if "trainable_tokens_delta" in n)
     assert delta.grad is not None and delta.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied_head", "own_head"])
+def test_training_puts_the_trained_rows_in_without_peft_copying_the_table(tied, monkeypatch):
+    """embed_tokens and the loss's output head give peft's values and the same gradients for
+    the trained rows, without the copy of the whole table that peft makes on every call."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    cfg = {**TINY_LLAMA, "model_config": {**TINY_LLAMA["model_config"], "tie_word_embeddings": tied}}
+    torch.manual_seed(0)
+    llm = build("llms", "hf_causal", cfg)
+    delta = next(p for n, p in llm.named_parameters() if "trainable_tokens_delta" in n)
+    with torch.no_grad():
+        delta.add_(torch.randn_like(delta))
+    ids = torch.tensor([[11, llm.seg_token_id, 13, llm.image_token_id, llm.seg_token_id, 17]])
+    mask = torch.ones_like(ids)
+    head = llm.model.get_output_embeddings()
+
+    copies = []
+    per_call = TrainableTokensLayer.get_merged_weights
+    monkeypatch.setattr(TrainableTokensLayer, "get_merged_weights", lambda *a: copies.append(1) or per_call(*a))
+
+    def loss_and_grads(fast: bool):
+        llm.zero_grad()
+        copies.clear()
+        embeds = llm.embed_tokens(ids) if fast else llm.model.get_input_embeddings()(ids)
+        before = len(copies)
+        hidden = llm(embeds, mask).hidden_states[0]
+        copies[before:] = []  # the model's own head, outside what is measured here
+        logits = llm._output_head(hidden) if fast else head(hidden)
+        loss = nn.functional.cross_entropy(logits[:-1].float(), ids[0, 1:])
+        loss.backward()
+        return embeds.detach(), logits.detach(), delta.grad.clone()
+
+    ref = loss_and_grads(fast=False)
+    assert len(copies) == (2 if tied else 1)
+    got = loss_and_grads(fast=True)
+    assert torch.equal(got[0], ref[0])  # the same rows looked up
+    torch.testing.assert_close(got[1], ref[1])
+    torch.testing.assert_close(got[2], ref[2])
+    assert got[2][0].abs().sum() > 0 and got[2][1].abs().sum() > 0  # both new rows learn
+    assert not copies
+    # where peft's own forward must run (rows merged for generation), its path is used
+    layer = llm.model.get_input_embeddings().token_adapter
+    with torch.no_grad():
+        layer.merge()
+    try:
+        assert torch.equal(llm.embed_tokens(ids), ref[0])
+    finally:
+        with torch.no_grad():
+            layer.unmerge()

@@ -293,7 +293,29 @@ class HFCausalLM(LanguageModel):
         return sorted(i for i in ids if i is not None)
 
     def embed_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_input_embeddings()(input_ids)
+        table = self.model.get_input_embeddings()
+        rows = _trained_rows(table)
+        if rows is None:
+            return table(input_ids)
+        base, index, delta = rows
+        # the frozen table's rows, then the trained rows where the new tokens are: the values
+        # peft's layer gives, without the copy of the whole table it makes on every call
+        out = base(input_ids)
+        hit = input_ids.unsqueeze(-1) == torch.tensor(index, device=input_ids.device)
+        which, new = hit.int().argmax(-1), hit.any(-1, keepdim=True)
+        return torch.where(new, delta[which].to(out.dtype), out)
+
+    def _output_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The output head's logits for ``hidden`` (..., H): with a head tied to a table that has
+        trained rows, the frozen head's logits with the new tokens' columns from those rows."""
+        head = self.model.get_output_embeddings()
+        rows = _trained_rows(head)
+        if rows is None:
+            return head(hidden)
+        base, index, delta = rows
+        logits = base(hidden)
+        columns = nn.functional.linear(hidden, delta)
+        return logits.index_copy(-1, torch.tensor(index, device=hidden.device), columns.to(logits.dtype))
 
     def forward(
         self,
@@ -320,7 +342,7 @@ class HFCausalLM(LanguageModel):
             return LLMOutput(logits=out.logits, hidden_states=hidden, loss=out.loss)
         targets = labels[:, 1:].to(hidden.device)
         keep = targets != IGNORE_INDEX
-        logits = self.model.get_output_embeddings()(hidden[:, :-1][keep])
+        logits = self._output_head(hidden[:, :-1][keep])
         loss = nn.functional.cross_entropy(logits.float(), targets[keep])
         return LLMOutput(logits=None, hidden_states=hidden, loss=loss)
 
@@ -358,6 +380,25 @@ class HFCausalLM(LanguageModel):
             return self.model.get_nb_trainable_parameters()
         params = list(self.model.parameters())
         return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def _trained_rows(module: nn.Module) -> tuple[nn.Module, list[int], torch.Tensor] | None:
+    """(frozen table or head, the new tokens' ids, their trained rows) behind peft's
+    trainable-token wrapper ``module``; None where peft's own forward is the one to run (no
+    such wrapper, rows merged or switched off, several adapters, or a table or head of another
+    kind, e.g. a scaled embedding or a head with a bias)."""
+    from peft.tuners.trainable_tokens.layer import TrainableTokensLayer
+
+    layer = getattr(module, "token_adapter", None)
+    if not isinstance(layer, TrainableTokensLayer) or layer.merged or layer.disable_adapters:
+        return None
+    active = list(layer.active_adapters)
+    if len(active) != 1 or active[0] not in layer.trainable_tokens_delta:
+        return None
+    base = layer.base_layer
+    if type(base) is nn.Embedding or (type(base) is nn.Linear and base.bias is None):
+        return base, list(layer.token_indices[active[0]]), layer.trainable_tokens_delta[active[0]]
+    return None
 
 
 @contextlib.contextmanager
