@@ -211,6 +211,56 @@ def test_generation_with_the_new_rows_merged_matches_the_unmerged_model_and_trai
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied_head", "own_head"])
+def test_generation_under_autocast_casts_the_frozen_weights_once_with_the_same_tokens(tied):
+    """Under bf16 autocast, generate_ids runs the frozen linear layers (LoRA's base layers, the
+    head) on bf16 copies made once for the call: the same tokens and scores as autocast's own
+    cast on every call, the fp32 weights (and the tie) back afterwards, training unchanged; no
+    copies without autocast."""
+    from medvlsam2.plugins.llms.hf_causal import _new_tokens_merged
+
+    cfg = {**TINY_LLAMA, "model_config": {**TINY_LLAMA["model_config"], "tie_word_embeddings": tied}}
+    torch.manual_seed(0)
+    llm = build("llms", "hf_causal", cfg).eval()  # no LoRA dropout: one forward, one answer
+    with torch.no_grad():  # LoRA that is not the identity, trained rows that differ
+        for p in llm.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.5)
+    before = {n: p for n, p in llm.named_parameters()}
+    q = next(m for n, m in llm.model.named_modules() if n.endswith("q_proj.base_layer"))
+    head = next(m for n, m in llm.model.named_modules() if "lm_head" in n and isinstance(m, nn.Linear))
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(m.weight.dtype)) for m in (q, head)]
+    ids = torch.tensor([[11, llm.seg_token_id, 13, llm.image_token_id, 17]])
+    embeds, mask = llm.embed_tokens(ids).detach(), torch.ones_like(ids)
+    kwargs = dict(max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True,
+                  pad_token_id=llm.tokenizer.pad_token_id, eos_token_id=llm.eos_token_ids)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with _new_tokens_merged(llm.model):
+            per_call = llm.model.generate(inputs_embeds=embeds, attention_mask=mask, **kwargs)
+        assert set(seen) == {torch.float32}
+        seen.clear()
+        once = llm.generate_ids(embeds, mask, **kwargs)
+        assert set(seen) == {torch.bfloat16}
+    assert torch.equal(once.sequences, per_call.sequences)
+    for a, b in zip(once.scores, per_call.scores, strict=True):
+        assert torch.equal(a, b)
+    seen.clear()
+    with torch.inference_mode():
+        llm.generate_ids(embeds, mask, max_new_tokens=2, do_sample=False)
+    assert set(seen) == {torch.float32}
+    for hook in hooks:
+        hook.remove()
+    after = {n: p for n, p in llm.named_parameters()}
+    assert after.keys() == before.keys() and all(after[n] is before[n] for n in before)
+    assert all(p.dtype == torch.float32 for p in after.values())
+    table = next(m for m in llm.model.modules() if isinstance(m, nn.Embedding))
+    assert (head.weight is table.weight) == tied
+    out = llm(llm.embed_tokens(ids), mask, labels=ids)
+    out.loss.backward()
+    assert all(p.grad is not None for n, p in llm.named_parameters() if "lora_A" in n)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied_head", "own_head"])
 def test_training_puts_the_trained_rows_in_without_peft_copying_the_table(tied, monkeypatch):
     """embed_tokens and the loss's output head give peft's values and the same gradients for
     the trained rows, without the copy of the whole table that peft makes on every call."""
