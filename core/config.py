@@ -58,6 +58,13 @@ def stage_runs(stage_tasks: Sequence[str], key: str, name: str) -> bool:
     return key in stage_tasks or name in stage_tasks
 
 
+def stage_weight(stage: Any, key: str, name: str, weight: float) -> float:
+    """The draw weight in ``stage`` of the task entry ``key`` (named ``name``, whose own weight
+    is ``weight``): the stage's ``task_weights`` by key, else by name, else ``weight``."""
+    overrides = stage.task_weights
+    return float(overrides[key] if key in overrides else overrides.get(name, weight))
+
+
 @dataclass
 class StageConfig:
     """One training stage: which tasks run and which components train."""
@@ -76,6 +83,11 @@ class StageConfig:
     #: Training samples per batch in this stage; None: ``trainer.batch_size``. A stage whose
     #: steps are cheap (short text answers, no decoder) can take more samples per step.
     batch_size: int | None = None
+    #: This stage's draw weights for some of its tasks, by name (every entry of that name) or
+    #: key (one entry; a key wins over its name); a task left out keeps its entry's ``weight``.
+    #: E.g. a grounding stage that replays a little of the text tasks it followed:
+    #: ``{grounding: 8, report_generation: 1, vqa: 1}``.
+    task_weights: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -280,6 +292,13 @@ def validate_components(cfg: DictConfig) -> None:
                     f"config: stages[{i}].tasks[{j}]: task '{task}' is not in `tasks`"
                     f"{did_you_mean(task, known)}"
                 )
+        runs = {x for k, n in zip(known, task_names) if stage_runs(stage["tasks"], k, n) for x in (k, n)}
+        for task, weight in stage["task_weights"].items():
+            path = f"config: stages[{i}].task_weights.{task}"
+            if task not in runs:
+                raise ConfigError(f"{path}: task '{task}' is not in this stage's `tasks` {list(stage['tasks'])}")
+            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+                raise ConfigError(f"{path}: expected a positive number, got {weight!r}")
 
 
 def _check_plugin(host: Any, kind: str, name: str, args: dict[str, Any], path: str) -> None:

@@ -36,7 +36,7 @@ from medvlsam2.core.checkpoint import (
     check_saved_state,
     load_checkpoint,
 )
-from medvlsam2.core.config import StageConfig, load_config, stage_runs, task_keys, to_yaml
+from medvlsam2.core.config import StageConfig, load_config, stage_runs, stage_weight, task_keys, to_yaml
 from medvlsam2.core.errors import ConfigError, InputError, RunInterrupted, did_you_mean
 
 LIGHTNING_TRAINER_KEYS = (
@@ -155,7 +155,9 @@ def _datamodule(cfg: DictConfig, module: Any, stage: StageConfig) -> Any:
 
     keys = task_keys(cfg.tasks)
     weights = {
-        key: module.task_weights[key] if stage_runs(stage.tasks, key, entry["name"]) else 0.0
+        key: stage_weight(stage, key, entry["name"], module.task_weights[key])
+        if stage_runs(stage.tasks, key, entry["name"])
+        else 0.0
         for key, entry in zip(keys, cfg.tasks)
     }
     stage_tasks = {k: module.tasks[k] for k in keys if weights[k] > 0}
