@@ -123,6 +123,9 @@ def test_switches_reach_transformers():
     assert base.config._attn_implementation == "eager"
     assert base.is_activation_checkpointing
     assert llm.dtype == torch.bfloat16
+    # frozen weights in bfloat16; what trains (LoRA, the new tokens' rows) in float32 for the optimiser
+    trainable = {p.dtype for p in llm.parameters() if p.requires_grad}
+    assert trainable == {torch.float32} and {p.dtype for p in llm.parameters() if not p.requires_grad} == {torch.bfloat16}
     assert {n.rsplit(".", 1)[-1] for n, m in base.named_modules() if hasattr(m, "lora_A")} == {"q_proj", "v_proj"}
     ids = torch.tensor([[5, 6, llm.seg_token_id]])
     out = llm(llm.embed_tokens(ids).float(), torch.ones_like(ids), labels=ids)
