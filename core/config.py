@@ -273,9 +273,7 @@ def validate_components(cfg: DictConfig) -> None:
         path = f"tasks[{i}]"
         name, args = _component_entry(entry, path)
         args = {k: v for k, v in args.items() if k != "weight"}
-        weight = entry.get("weight", 1.0) if isinstance(entry, Mapping) else 1.0
-        if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
-            raise ConfigError(f"config: {path}.weight: expected a positive number, got {weight!r}")
+        _check_weight(f"config: {path}.weight", entry.get("weight", 1.0) if isinstance(entry, Mapping) else 1.0)
         _check_plugin(host, "tasks", name, args, path)
         task_names.append(name)
     for key in ("batch_size", "eval_batch_size"):
@@ -297,8 +295,13 @@ def validate_components(cfg: DictConfig) -> None:
             path = f"config: stages[{i}].task_weights.{task}"
             if task not in runs:
                 raise ConfigError(f"{path}: task '{task}' is not in this stage's `tasks` {list(stage['tasks'])}")
-            if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
-                raise ConfigError(f"{path}: expected a positive number, got {weight!r}")
+            _check_weight(path, weight)
+
+
+def _check_weight(path: str, weight: Any) -> None:
+    """A task's draw weight is a positive number (not a bool)."""
+    if not isinstance(weight, (int, float)) or isinstance(weight, bool) or weight <= 0:
+        raise ConfigError(f"{path}: expected a positive number, got {weight!r}")
 
 
 def _check_plugin(host: Any, kind: str, name: str, args: dict[str, Any], path: str) -> None:

@@ -95,24 +95,31 @@ def test_a_stage_batch_size_sets_its_training_batches_and_leaves_evaluation_to_t
         load_config([], ["tasks=[]", "stages=[{name: s, batch_size: 0}]"])
 
 
-def test_a_stage_picks_every_entry_of_a_task_name_or_one_entry_by_its_key():
+def three_entry_run(steps_per_epoch: int):
+    """A run config with the entries seg, vqa, seg (keys seg, vqa, seg_2; weights 3, 1, 2) and a module
+    stand-in holding a four-sample task per key: what `_datamodule` reads."""
     from types import SimpleNamespace
 
     from omegaconf import OmegaConf
-
-    from medvlsam2.core.config import StageConfig, load_config
-    from medvlsam2.core.errors import ConfigError
-    from medvlsam2.core.run import _datamodule
 
     class Task:
         def samples(self, split):
             return [{"i": i} for i in range(4)]
 
     cfg = OmegaConf.create({"tasks": [{"name": "seg"}, {"name": "vqa"}, {"name": "seg"}],
-                            "trainer": {"batch_size": 2, "eval_batch_size": None, "num_workers": 0, "steps_per_epoch": 3},
+                            "trainer": {"batch_size": 2, "eval_batch_size": None, "num_workers": 0,
+                                        "steps_per_epoch": steps_per_epoch},
                             "seed": 0})
     keys = ["seg", "vqa", "seg_2"]
-    module = SimpleNamespace(tasks={k: Task() for k in keys}, task_weights={"seg": 3.0, "vqa": 1.0, "seg_2": 2.0})
+    return cfg, SimpleNamespace(tasks={k: Task() for k in keys}, task_weights={"seg": 3.0, "vqa": 1.0, "seg_2": 2.0})
+
+
+def test_a_stage_picks_every_entry_of_a_task_name_or_one_entry_by_its_key():
+    from medvlsam2.core.config import StageConfig, load_config
+    from medvlsam2.core.errors import ConfigError
+    from medvlsam2.core.run import _datamodule
+
+    cfg, module = three_entry_run(steps_per_epoch=3)
     chosen = {}
     for tasks in (["seg"], ["seg_2"], ["vqa", "seg_2"]):
         data = _datamodule(cfg, module, StageConfig(name="s", tasks=tasks))
@@ -128,30 +135,18 @@ def test_a_stage_picks_every_entry_of_a_task_name_or_one_entry_by_its_key():
 
 
 def test_a_stage_task_weights_override_the_entries_weights_by_key_then_name():
-    from types import SimpleNamespace
-
-    from omegaconf import OmegaConf
-
     from medvlsam2.core.config import StageConfig, load_config
     from medvlsam2.core.errors import ConfigError
     from medvlsam2.core.run import _datamodule
 
-    class Task:
-        def samples(self, split):
-            return [{"i": i} for i in range(4)]
-
-    cfg = OmegaConf.create({"tasks": [{"name": "seg"}, {"name": "vqa"}, {"name": "seg"}],
-                            "trainer": {"batch_size": 2, "eval_batch_size": None, "num_workers": 0, "steps_per_epoch": 400},
-                            "seed": 0})
-    keys = ["seg", "vqa", "seg_2"]
-    module = SimpleNamespace(tasks={k: Task() for k in keys}, task_weights={"seg": 3.0, "vqa": 1.0, "seg_2": 2.0})
+    cfg, module = three_entry_run(steps_per_epoch=400)
     stage = StageConfig(name="s", tasks=["seg", "vqa"], task_weights={"seg": 1.0, "seg_2": 6.0})
     data = _datamodule(cfg, module, stage)
     assert data.weights == {"seg": 1.0, "vqa": 1.0, "seg_2": 6.0}
     data.trainer = None
     loader = data.train_dataloader()
     draws = [loader.dataset[b[0]][0] for b in loader.batch_sampler]
-    share = {k: draws.count(k) / len(draws) for k in keys}
+    share = {k: draws.count(k) / len(draws) for k in module.tasks}
     assert share["seg_2"] > 0.65 and share["seg"] < 0.2 and share["vqa"] < 0.2  # 6/8, 1/8, 1/8
     data = "data: {format: m3d_cap, root: reports}"
     entries = f"tasks=[{{name: report_generation, {data}}}, {{name: vqa, data: {{format: m3d_vqa, root: q}}}}]"
