@@ -1,4 +1,5 @@
-"""Every hook is documented in docs/plugins.md with its signature (as datasette does)."""
+"""Every hook is documented in docs/plugins.md with its signature (as datasette does), and every
+relative link in the README and docs/ reaches a file and, with an anchor, one of its headings."""
 
 from __future__ import annotations
 
