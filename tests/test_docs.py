@@ -3,7 +3,9 @@ relative link in the README and docs/ reaches a file and, with an anchor, one of
 
 from __future__ import annotations
 
+import functools
 import inspect
+import re
 from pathlib import Path
 
 import pytest
@@ -30,34 +32,30 @@ ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
+def prose(page: Path) -> str:
+    """A Markdown page without its fenced code blocks."""
+    return re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)
+
+
+@functools.cache
 def heading_anchors(page: Path) -> set[str]:
     """The anchors GitHub gives a page's headings: lower case, punctuation dropped, spaces as
     hyphens, a repeated heading numbered -1, -2 …"""
-    import re
-
     anchors: set[str] = set()
-    fenced = False
-    for line in page.read_text().splitlines():
-        if line.startswith("```"):
-            fenced = not fenced
-        match = None if fenced else re.match(r"#{1,6} (.+)", line)
-        if match:
-            slug = re.sub(r"[^\w\- ]", "", match.group(1).strip().lower()).replace(" ", "-")
-            anchor, n = slug, 0
-            while anchor in anchors:
-                n += 1
-                anchor = f"{slug}-{n}"
-            anchors.add(anchor)
+    for heading in re.findall(r"^#{1,6} (.+)$", prose(page), flags=re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+        anchor, n = slug, 0
+        while anchor in anchors:
+            n += 1
+            anchor = f"{slug}-{n}"
+        anchors.add(anchor)
     return anchors
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
 def test_every_relative_link_reaches_a_file_and_heading(page):
-    import re
-
-    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
     broken = []
-    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+    for target in re.findall(r"\]\(([^)\s]+)\)", prose(page)):
         if re.match(r"[a-z]+:", target):
             continue  # http(s):, mailto: …
         path, _, anchor = target.partition("#")
