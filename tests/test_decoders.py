@@ -142,6 +142,45 @@ def test_pooled_tinyvit_embedding_runs_the_heads_on_a_coarser_grid_and_still_seg
             SAM2VolumeDecoder(SAM2VolumeConfig(**bad))
 
 
+def test_tinyvit_at_128_px_gives_the_pooled_grid_with_litemedsams_weights_and_still_segments():
+    """tinyvit_input_size=128: the same weights, a 32x32 embedding, the 256-pixel prompt frame."""
+    from medvlsam2.plugins.decoders.litemedsam import _tinyvit_for, build_tinyvit
+
+    # the architecture written down here is the package's own, and its forward at 256 px the same
+    package = build_tinyvit(pretrained=False).eval()
+    sized = _tinyvit_for(256).eval()
+    sized.load_state_dict(package.state_dict(), strict=True)
+    image = torch.rand(1, 3, 256, 256)
+    with torch.no_grad():
+        assert torch.equal(sized(image), package(image))
+    assert {k: v.shape for k, v in package.state_dict().items()} == {
+        k: v.shape for k, v in build_tinyvit(pretrained=False, input_size=128).state_dict().items()
+    }
+
+    decoder = SAM2VolumeDecoder(SAM2VolumeConfig(tinyvit_input_size=128)).eval()
+    reference = SAM2VolumeDecoder(SAM2VolumeConfig(embedding_pool=2)).eval()
+    for key, value in reference.sam.image_encoder.state_dict().items():
+        assert torch.equal(decoder.sam.image_encoder.state_dict()[key], value), key
+    assert decoder.sam.sam_image_embedding_size == 32
+    assert decoder.sam.sam_prompt_encoder.image_embedding_size == (32, 32)
+    assert decoder.sam.sam_prompt_encoder.input_image_size == (256, 256)
+    seen = []
+    handle = decoder.sam.image_encoder.register_forward_hook(lambda _m, args, out: seen.append((args[0].shape, out.shape)))
+    volume, mask = ellipsoid((6, 64, 64), (2.5, 31.5, 31.5), (3.0, 12.0, 16.0))
+    with torch.no_grad():
+        out = decoder(volume, Prompts(boxes=box_of(mask)))
+    handle.remove()
+    assert seen and all(i[-2:] == (128, 128) and o[-2:] == (32, 32) for i, o in seen)
+    assert out.masks.shape == (1, 1, 6, 64, 64)
+    assert dice(out.masks, mask) > 0.8
+    # the two scales never share cached features: the encoder's weights are the same
+    assert decoder._encoder_fingerprint() != reference._encoder_fingerprint()
+    for bad in ({"tinyvit_input_size": 192}, {"tinyvit_input_size": 64, "embedding_pool": 2},
+                {"tinyvit_input_size": 128, "image_encoder": "hiera", "image_size": 64}):
+        with pytest.raises(ConfigError, match="tinyvit_input_size"):
+            SAM2VolumeDecoder(SAM2VolumeConfig(pretrained=False, **bad))
+
+
 def test_one_click_uses_litemedsams_single_mask_output_and_sam2s_candidates_with_hiera(hiera_decoder, monkeypatch):
     """LiteMedSAM's heads learned one mask output; SAM2's Hiera heads choose among several."""
     volume, mask = ellipsoid((3, 64, 64), (1.0, 31.5, 31.5), (1.5, 12.0, 16.0))

