@@ -14,7 +14,8 @@ model:
   llm: {name: hf_causal, model_type: llama, lora_r: 4, lora_alpha: 8,
         model_config: {hidden_size: 64, intermediate_size: 128, num_hidden_layers: 1, num_attention_heads: 4, num_key_value_heads: 2}}
   decoder: {name: sam2_volume, image_encoder: hiera, pretrained: false, image_size: 64, num_maskmem: 2,
-            memory_attention_layers: 1, prompt_dim: 64, embedding_pool: 1}
+            memory_attention_layers: 1, prompt_dim: 64, embedding_pool: 1,
+            tinyvit_input_size: 256}
 trainer: {precision: 32-true}
 """
 

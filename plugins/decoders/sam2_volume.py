@@ -251,8 +251,8 @@ class SAM2VolumeDecoder(MaskDecoder):
             )
         if cfg.tinyvit_input_size != 256 and cfg.image_encoder != "tinyvit":
             raise ConfigError(
-                f"decoder.tinyvit_input_size applies to image_encoder='tinyvit' only; "
-                f"with '{cfg.image_encoder}' set decoder.image_size instead (got {cfg.tinyvit_input_size})"
+                f"decoder.tinyvit_input_size applies to image_encoder='tinyvit' only: set it to 256 with "
+                f"'{cfg.image_encoder}', whose slice size is decoder.image_size (got {cfg.tinyvit_input_size})"
             )
         if cfg.num_maskmem < 1:
             raise ConfigError("decoder.num_maskmem must be at least 1 (memory propagation needs a bank)")
