@@ -55,7 +55,7 @@ def litemedsam_sam2_overrides(embedding_pool: int = 1, input_size: int = LITEMED
     256-pixel frame over the TinyViT's embedding grid: 64x64 for LiteMedSAM's own 256-pixel
     input, ``input_size / 4`` for another input size, divided by ``embedding_pool`` when the
     embedding is pooled. SAM2's memory keeps its own stride 16."""
-    grid = int(input_size) // 4 // int(embedding_pool)
+    grid = int(input_size) * LITEMEDSAM_EMBED_SIZE // LITEMEDSAM_IMAGE_SIZE // int(embedding_pool)
     return (f"++model.backbone_stride={LITEMEDSAM_IMAGE_SIZE // grid}",)
 
 
