@@ -203,12 +203,16 @@ class Trunk(nn.Module):
         temperature: float = 1.0,
         top_k: int | None = None,
         top_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        no_repeat_ngram_size: int = 0,
         add_image: bool = True,
     ) -> GenerationOutput:
         """Answer ``prompts`` about ``volume`` (one prompt per volume in the batch).
 
         Greedy by default; ``num_beams > 1`` is beam search, ``do_sample`` samples (with
-        ``temperature``/``top_k``/``top_p``). Stops at EOS or ``max_new_tokens``. With
+        ``temperature``/``top_k``/``top_p``); ``repetition_penalty`` above 1 and
+        ``no_repeat_ngram_size`` above 0 act on the answer's own tokens, as in transformers'
+        ``generate``. Stops at EOS or ``max_new_tokens``. With
         ``force_seg`` the answer starts with ``[SEG]`` (after ``answer_prefix``), so a mask
         prompt exists even when the model would not emit one. ``[SEG]`` hidden states come
         from one teacher-forced pass over prompt + answer, identical for every decoding mode.
@@ -226,6 +230,10 @@ class Trunk(nn.Module):
             kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
         else:  # keep a model's sampling defaults from leaking into greedy/beam decoding
             kwargs.update(temperature=None, top_k=None, top_p=None)
+        if repetition_penalty != 1.0:  # passed only when set: an LLM plugin may not know them
+            kwargs["repetition_penalty"] = float(repetition_penalty)
+        if no_repeat_ngram_size:
+            kwargs["no_repeat_ngram_size"] = int(no_repeat_ngram_size)
         new_ids = self.llm.generate_ids(spliced.inputs_embeds, spliced.attention_mask, **kwargs)
         eos_ids = set(getattr(self.llm, "eos_token_ids", [self.tokenizer.eos_token_id]))
         answers: list[list[int]] = []

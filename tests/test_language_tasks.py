@@ -169,6 +169,15 @@ def test_bad_task_options_name_the_path(tmp_path, data_root):
     bad = task_yaml(data_root, "m3d_cap", "report_generation").replace("root:", "rot:")
     with pytest.raises(ConfigError, match=r"unknown key 'tasks\[0\].data.rot' \(did you mean 'root'\?\)"):
         load_config([run_config(tmp_path, bad)])
+    for gen, message in (
+        ("{repetition_penalty: 0}", r"tasks\[0\].generation.repetition_penalty: expected a number above 0, got 0"),
+        ("{no_repeat_ngram_size: -1}", r"tasks\[0\].generation.no_repeat_ngram_size: expected 0 or more, got -1"),
+        ("{num_beams: 0}", r"tasks\[0\].generation.num_beams: expected at least 1, got 0"),
+        ("{max_new_tokens: 0}", r"tasks\[0\].generation.max_new_tokens: expected at least 1, got 0"),
+    ):
+        bad = task_yaml(data_root, "m3d_cap", "report_generation", f", generation: {gen}")
+        with pytest.raises(ConfigError, match=message):
+            load_config([run_config(tmp_path, bad)])
 
 
 def test_grounding_packs_several_structures_into_one_training_answer_and_evaluates_one(data_root):

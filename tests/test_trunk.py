@@ -183,6 +183,31 @@ def test_generate_stops_at_eos(vit_trunk):
     assert out.text == ["", ""] and out.token_ids.shape == (2, 0) and out.seg_mask.shape == (2, 0)
 
 
+def test_generate_repetition_penalty_and_no_repeat_ngrams_act_on_the_answer(vit_trunk):
+    head = vit_trunk.llm.model.get_output_embeddings()
+    eos = vit_trunk.tokenizer.eos_token_id
+    a, b = [t for t in range(10, 20) if t not in (eos, vit_trunk.tokenizer.pad_token_id)][:2]
+
+    def prefer(module, args, output):  # greedy writes a forever; b is its second choice
+        output[..., a] += 20.0
+        output[..., b] += 10.0
+        return output
+
+    handle = head.register_forward_hook(prefer)
+    volume = torch.rand(1, 1, 8, 32, 32)
+    try:
+        plain = vit_trunk.generate(volume, ["Describe the scan."], max_new_tokens=4).token_ids[0].tolist()
+        penalised = vit_trunk.generate(volume, ["Describe the scan."], max_new_tokens=4, repetition_penalty=10.0)
+        unique = vit_trunk.generate(volume, ["Describe the scan."], max_new_tokens=4, no_repeat_ngram_size=1)
+    finally:
+        handle.remove()
+    assert plain == [a] * 4
+    # a's logit (about 20) over 10 falls below b's (about 10): the second token is b
+    assert penalised.token_ids[0].tolist()[:2] == [a, b]
+    ids = unique.token_ids[0].tolist()
+    assert ids[:2] == [a, b] and len(set(ids)) == len(ids) == 4
+
+
 def test_generate_conditions_on_the_volume_with_smollm2():
     cfg = model_cfg("vit3d", projector={"name": "mlp"}, llm={"name": "hf_causal", "lora_r": 8})
     trunk = build_trunk(cfg)

@@ -23,6 +23,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -369,7 +370,10 @@ class HFCausalLM(LanguageModel):
         """New token ids ``(B, T_new)`` after a left-padded embedded prompt (HF ``generate``)."""
         kwargs.setdefault("pad_token_id", self.tokenizer.pad_token_id)
         kwargs.setdefault("eos_token_id", self.eos_token_ids)
-        with _new_tokens_merged(self.model), _frozen_weights_cast(self.model, inputs_embeds.device.type):
+        with _new_tokens_merged(self.model), _frozen_weights_cast(self.model, inputs_embeds.device.type), warnings.catch_warnings():
+            # the prompt is embeddings only, so a repetition penalty or n-gram ban acts on the
+            # answer's own tokens: what the trunk asks for, not a surprise to warn about
+            warnings.filterwarnings("ignore", message=r"Passing `(repetition_penalty|no_repeat_ngram_size)` with `inputs_embeds`")
             return self.model.generate(
                 inputs_embeds=inputs_embeds.to(self.dtype), attention_mask=attention_mask, **kwargs
             )

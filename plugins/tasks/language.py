@@ -42,7 +42,27 @@ def check_metric_names(names: list[str], path: str) -> None:
 @dataclass
 class GenerationConfig:
     max_new_tokens: int = 96
+    #: 1: greedy decoding; more: beam search with this many beams.
     num_beams: int = 1
+    #: Above 1, every token already in the answer has its logit divided by this (multiplied
+    #: where negative) before the next token is picked: CTRL's repetition penalty, as
+    #: transformers' ``generate`` applies it. 1.0 leaves decoding unchanged.
+    repetition_penalty: float = 1.0
+    #: Above 0, no run of this many tokens appears twice in one answer (transformers'
+    #: ``no_repeat_ngram_size``). 0 leaves decoding unchanged.
+    no_repeat_ngram_size: int = 0
+
+
+def check_generation(gen: Any, path: str) -> None:
+    """One error line naming the bad ``generation`` key of a task config."""
+    if int(gen.max_new_tokens) < 1:
+        raise ConfigError(f"config: {path}.generation.max_new_tokens: expected at least 1, got {gen.max_new_tokens}")
+    if int(gen.num_beams) < 1:
+        raise ConfigError(f"config: {path}.generation.num_beams: expected at least 1, got {gen.num_beams}")
+    if not float(gen.repetition_penalty) > 0:
+        raise ConfigError(f"config: {path}.generation.repetition_penalty: expected a number above 0, got {gen.repetition_penalty}")
+    if int(gen.no_repeat_ngram_size) < 0:
+        raise ConfigError(f"config: {path}.generation.no_repeat_ngram_size: expected 0 or more, got {gen.no_repeat_ngram_size}")
 
 
 class TrunkTextTask(MedVLTask):
@@ -54,6 +74,7 @@ class TrunkTextTask(MedVLTask):
     def check_config(cls, cfg: Any, path: str = "task") -> None:
         super().check_config(cfg, path)
         check_metric_names(list(cfg.text_metrics), path)
+        check_generation(cfg.generation, path)
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, Any]:
         volumes, records = self.stack_volumes(samples)
@@ -71,7 +92,10 @@ class TrunkTextTask(MedVLTask):
 
     def generate(self, model: Any, volume: torch.Tensor, prompts: list[str]) -> list[str]:
         gen = self.cfg.generation
-        out = model.trunk.generate(volume, prompts, max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams)
+        out = model.trunk.generate(
+            volume, prompts, max_new_tokens=gen.max_new_tokens, num_beams=gen.num_beams,
+            repetition_penalty=gen.repetition_penalty, no_repeat_ngram_size=gen.no_repeat_ngram_size,
+        )
         return [t.strip() for t in out.text]
 
     @torch.no_grad()
